@@ -1,0 +1,36 @@
+# Two entry points (see README "Quick start"): `make demo` and `make test`.
+# Both build (or reuse) the virtual environment .venv inside the clone from pyproject.toml alone.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: env demo test check pytest docs clean-build
+
+# torch/torchvision are pinned in pyproject.toml; their wheels install from the local disk here
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+demo: env
+	$(BIN)/medgan --help
+
+# notebooks and the library in step, notebooks clean, then the tests, then the notebooks and docs
+check: env
+	$(BIN)/python tools/check_nbs.py
+
+pytest: env
+	$(BIN)/python -m pytest -q tests
+
+docs: env
+	$(BIN)/python tools/build_docs.py
+
+test: check pytest docs
+
+clean-build:
+	rm -rf _build _proc _docs
