@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: env demo test check pytest docs clean-build
+.PHONY: env demo test check pytest browser docs clean-build
 
 # torch/torchvision are pinned in pyproject.toml; their wheels install from the local disk here
 $(STAMP): pyproject.toml
@@ -24,8 +24,15 @@ demo: env
 check: env
 	$(BIN)/python tools/check_nbs.py
 
-pytest: env
+pytest: env browser
 	$(BIN)/python -m pytest -q tests
+
+# the app's browser test drives Debian's chromium (Playwright never downloads a browser here)
+browser:
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: /usr/bin/chromium"; \
+	elif [ "$$(id -u)" = 0 ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  || echo "could not install chromium: the browser test will be skipped"; \
+	else echo "chromium missing and not root: the browser test will be skipped (apt-get install chromium as root)"; fi
 
 docs: env
 	$(BIN)/python tools/build_docs.py

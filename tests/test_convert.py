@@ -1,0 +1,112 @@
+"DICOM -> PNG/JPG conversion with a report, the `medgan convert` command, and the synthetic DICOM writer."
+import os, sys
+from pathlib import Path
+import numpy as np, pandas as pd, pytest, pydicom
+from PIL import Image
+from pydicom.data import get_testdata_file
+from medgan_fastai.dicom import *
+from medgan_fastai.convert import *
+from medgan_fastai.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_dicom import truncated_copies, _all_package_files
+
+def test_convert_shared_data_png(shared_data, tmp_path):
+    rep = convert_folder(shared_data, tmp_path, size=64, progress=False)
+    assert rep.ok.sum() == 168 and set(rep.reason[~rep.ok].str[:16]) == {'not a DICOM file'}
+    assert 'patient' not in rep.columns
+    csv = pd.read_csv(tmp_path/'report.csv')
+    assert len(csv) == len(rep) and list(csv.columns) == list(rep.columns)
+    outs = sorted(tmp_path.glob('*.png'))
+    assert len(outs) == 168 and {o.name for o in outs} == set(rep.output[rep.ok])
+    im = Image.open(tmp_path/'ct-head_14.png')
+    assert im.mode == 'L' and im.size == (64, 64)
+    assert (tmp_path/'mr-t1-sag_HFS_0001_1.3.12.2.1107.5.2.43.67060.2022040715053454597060816.png').exists()
+
+def test_png16_jpg_and_tree(ct_dir, tmp_path):
+    files = sorted(ct_dir.glob('*.dcm'))[:3]
+    rep = convert_folder(files, tmp_path/'p16', bits=16, window='brain', progress=False)
+    back = np.asarray(Image.open(tmp_path/'p16'/rep.output[0])).astype(np.float64) / 65535
+    np.testing.assert_allclose(back, dicom_slice(rep.file[0], window='brain'), atol=0.5/65535 + 1e-7)
+    rep = convert_folder(ct_dir.parent, tmp_path/'jpg', fmt='jpg', window=(40, 80), size=(32, 48), keep_tree=True, progress=False)
+    assert (tmp_path/'jpg'/'ct-head'/'01.jpg').exists() and (tmp_path/'jpg'/'mr-t1-sag'/'HFS').is_dir()
+    assert Image.open(tmp_path/'jpg'/'ct-head'/'01.jpg').size == (48, 32)
+    with pytest.raises(ValueError, match='16'): convert_folder(files, tmp_path/'x', fmt='jpg', bits=16, progress=False)
+    with pytest.raises(ValueError, match='unknown window'): convert_folder(files, tmp_path/'x', window='brian', progress=False)
+
+def test_never_overwrites_unless_asked(ct_dir, tmp_path):
+    files = sorted(ct_dir.glob('*.dcm'))[:2]
+    convert_folder(files, tmp_path, window='brain', progress=False)
+    out = tmp_path/'01.png'
+    before = out.read_bytes()
+    rep = convert_folder(files, tmp_path, window='bone', progress=False)
+    assert not rep.ok.any() and rep.reason.str.startswith('output exists').all() and out.read_bytes() == before
+    rep = convert_folder(files, tmp_path, window='bone', overwrite=True, progress=False)
+    assert rep.ok.all() and out.read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['01.png', '02.png', 'report.csv']  # no temporary files left
+
+def test_skip_blank(mr_dir, tmp_path):
+    rep = convert_folder(mr_dir/'HFS', tmp_path, skip_blank=True, progress=False)
+    blank = rep.reason.str.startswith('blank')
+    assert blank.sum() >= 1 and rep.ok.sum() == 35 - blank.sum() and len(list(tmp_path.glob('*.png'))) == rep.ok.sum()
+
+def test_convert_every_package_file_and_truncated_never_crashes(tmp_path):
+    (tmp_path/'cut').mkdir()
+    trunc = truncated_copies(tmp_path/'cut')
+    rep = convert_folder([*_all_package_files(), *map(str, trunc)], tmp_path/'out', size=32, progress=False)
+    assert ((rep.output != '') == rep.ok).all() and (rep.reason[~rep.ok] != '').all()
+    assert rep.ok.sum() > 250 and len(list((tmp_path/'out').glob('*.png'))) == rep.ok.sum()
+    assert rep.reason[rep.file.str.endswith('JPEG-lossy.dcm')].iloc[0].startswith('pixel data cannot be decoded')
+
+def test_cli_convert_exit_codes(ct_dir, tmp_path, capsys):
+    assert main(['convert', str(ct_dir), str(tmp_path/'a'), '--window', '40,80', '--size', '32']) is None
+    out = capsys.readouterr().out
+    assert 'converted 28 of 29 input slices' in out and len(list((tmp_path/'a').glob('*.png'))) == 28
+    with pytest.raises(SystemExit) as e: main(['convert', str(ct_dir/'LICENSE'), str(tmp_path/'b')])
+    assert 'no image was converted' in str(e.value.code)
+
+IDENTITY = ('PatientName', 'PatientID', 'PatientBirthDate', 'StudyInstanceUID', 'SeriesInstanceUID', 'FrameOfReferenceUID',
+            'AccessionNumber', 'InstitutionName', 'ReferringPhysicianName', 'StudyID', 'StationName', 'DeviceSerialNumber')
+
+def test_synthetic_series_round_trip_and_markers(ct_dir, tmp_path):
+    template = pydicom.dcmread(sorted(ct_dir.glob('*.dcm'))[0])
+    imgs = np.random.default_rng(0).random((4, 40, 48))
+    paths = write_dicom_series(imgs, tmp_path, modality='CT', template=template, pixel_spacing=(0.5, 0.7), slice_thickness=2.5)
+    with pydicom.config.strict_reading():
+        dss = [pydicom.dcmread(p) for p in paths]
+    back = np.stack([load_dicom(ds) for ds in dss]).astype(np.float64) / 65535
+    np.testing.assert_allclose(back, imgs, atol=0.5/65535 + 1e-9)
+    for k in ('StudyInstanceUID', 'SeriesInstanceUID', 'FrameOfReferenceUID'): assert len({ds[k].value for ds in dss}) == 1
+    assert len({ds.SOPInstanceUID for ds in dss}) == 4 and [ds.InstanceNumber for ds in dss] == [1, 2, 3, 4]
+    ds = dss[0]
+    assert ds.SOPClassUID == pydicom.uid.CTImageStorage and list(ds.ImageType) == ['DERIVED', 'SECONDARY']
+    assert 'SYNTHETIC' in ds.SeriesDescription and 'SYNTHETIC' in ds.ImageComments and ds.PatientIdentityRemoved == 'YES'
+    assert ds.BurnedInAnnotation == 'NO' and ds.Rows == 40 and ds.Columns == 48 and [float(v) for v in ds.PixelSpacing] == [0.5, 0.7]
+    for k in IDENTITY:
+        if k in template and str(template[k].value): assert str(ds.get(k, '')) != str(template[k].value), k
+    text = ' '.join(str(e.value) for e in ds.iterall() if e.VR not in ('OB', 'OW'))
+    assert str(template.PatientName) not in text and template.PatientID not in text
+    idx = scan(tmp_path, progress=False)
+    assert idx.ok.all() and idx.series_uid.nunique() == 1 and np.allclose(np.diff(idx.position), 2.5)
+    assert idx.file.tolist() == [str(p) for p in paths]
+    with pytest.raises(FileExistsError): write_dicom_series(imgs, tmp_path, modality='CT')
+    write_dicom_series(imgs[:1], tmp_path, overwrite=True)
+
+def test_modality_units_and_derived_series(tmp_path):
+    hu = np.round(np.random.default_rng(1).uniform(-1024, 3000, (3, 16, 16)))
+    paths = write_dicom_series(hu, tmp_path/'hu', modality='CT', units='modality', positions=[10, 12.5, 20])
+    np.testing.assert_array_equal(np.stack([load_dicom(p) for p in paths]), hu)
+    assert [float(pydicom.dcmread(p).SliceLocation) for p in paths] == [10, 12.5, 20]
+    t1 = np.random.default_rng(2).uniform(0, 7.3, (2, 8, 8))  # float modality values: fitted rescale
+    paths = write_dicom_series(t1, tmp_path/'t1', modality='MR', units='modality', synthetic=False,
+                               series_description='MNI152 T1 template, resampled')
+    ds = pydicom.dcmread(paths[0])
+    slope = float(ds.RescaleSlope)
+    np.testing.assert_allclose(np.stack([load_dicom(p) for p in paths]), t1, atol=slope / 2 + 1e-6)
+    assert ds.SOPClassUID == pydicom.uid.MRImageStorage and list(ds.ImageType) == ['DERIVED', 'SECONDARY']
+    assert 'SYNTHETIC' not in ds.SeriesDescription and 'MNI152' in ds.SeriesDescription and 'SYNTHETIC' not in ds.ImageComments
+    ot = write_synthetic_dicom(np.full((8, 8), 0.25), tmp_path/'one.dcm')
+    ds = pydicom.dcmread(ot)
+    assert ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage and ds.ConversionType == 'SYN'
+    assert np.allclose(load_dicom(ot), round(0.25 * 65535))
+    with pytest.raises(FileExistsError): write_synthetic_dicom(np.zeros((8, 8)), ot)

@@ -1,0 +1,115 @@
+"The fastai data pipeline on real DICOM: windowed batches, PNG/DICOM agreement, the decode-once cache."
+import os, shutil, subprocess, sys
+from pathlib import Path
+import numpy as np, pandas as pd, pydicom, pytest, torch
+import medgan_fastai.dicom as dicom_mod
+from medgan_fastai.data import *
+from medgan_fastai.dicom import scan, WINDOWS
+
+@pytest.fixture
+def cache_dir(tmp_path): return tmp_path/'cache'
+
+def _all_batches(dls):
+    "Every training slice once, in cache order (no shuffle), as one tensor in [-1, 1]"
+    return torch.cat([b[1] for b in dls.train.new(shuffle=False, drop_last=False)])
+
+def test_mr_batches(mr_dir, cache_dir):
+    dls = gan_dls(mr_dir, size=64, bs=16, cache_dir=cache_dir, progress=False)
+    xb, yb = dls.one_batch()
+    assert tuple(yb.shape) == (16, 1, 64, 64) and tuple(xb.shape) == (16, 100)
+    assert yb.min() >= -1 and yb.max() <= 1
+    assert yb.std() > 0.2  # real anatomy, not a constant
+    # the 4 x 35 slices minus the mostly-background ones
+    assert 80 <= len(dls.items) <= 140
+
+def test_ct_brain_window_statistics(ct_dir, cache_dir):
+    dls = gan_dls(ct_dir, size=64, bs=8, window='brain', cache_dir=cache_dir, progress=False, skip_blank=False)
+    x = (_all_batches(dls) + 1) / 2  # back to [0, 1]
+    assert tuple(x.shape[1:]) == (1, 64, 64) and len(x) == 28
+    # brain window C40/W80: air is black, bone white, brain tissue (20-50 HU) mid-grey
+    hu_mid = x[(x > 0.05) & (x < 0.95)]
+    assert 0.3 < hu_mid.median() < 0.7
+    assert (x < 0.02).float().mean() > 0.2      # air around the head
+    # compare with HU read independently with pydicom
+    f = sorted(ct_dir.glob('*.dcm'))[0]
+    ds = pydicom.dcmread(f)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert hu.min() <= -900  # air about -1000 HU
+
+def test_show_batch_writes_an_image(mr_dir, cache_dir, tmp_path):
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    dls = gan_dls(mr_dir, size=32, bs=8, cache_dir=cache_dir, progress=False, verbose=False)
+    dls.show_batch(max_n=4)
+    out = tmp_path/'batch.png'
+    plt.gcf().savefig(out); plt.close('all')
+    assert out.stat().st_size > 1000
+
+def test_png_and_dicom_paths_agree(mr_dir, cache_dir, tmp_path):
+    from medgan_fastai.convert import convert_folder
+    src = mr_dir/'HFS'
+    png = tmp_path/'png'
+    convert_folder(src, png, fmt='png', bits=8, window='auto', progress=False)
+    a = gan_dls(src, size=64, bs=8, cache_dir=cache_dir, progress=False, skip_blank=False, verbose=False)
+    b = gan_dls(png, size=64, bs=8, cache_dir=cache_dir, progress=False, skip_blank=False, verbose=False)
+    xa, xb = _all_batches(a), _all_batches(b)
+    assert xa.shape == xb.shape
+    # both in [-1, 1]: 1/255 of the [0, 1] range is 2/255 here
+    assert (xa - xb).abs().max() <= 2 / 255 + 1e-6
+
+def test_cache_second_run_reads_no_dicom(mr_dir, cache_dir, monkeypatch):
+    first = gan_dls(mr_dir/'HFP', size=32, bs=8, cache_dir=cache_dir, progress=False, verbose=False)
+    calls = []
+    real = pydicom.dcmread
+    def counting(*a, **k):
+        calls.append(a[0] if a else k)
+        return real(*a, **k)
+    monkeypatch.setattr(pydicom, 'dcmread', counting)
+    second = gan_dls(mr_dir/'HFP', size=32, bs=8, cache_dir=cache_dir, progress=False, verbose=False)
+    assert calls == []
+    assert torch.equal(_all_batches(first), _all_batches(second))
+
+def test_cache_invalidated_by_touch_and_rebuilt_when_truncated(mr_dir, cache_dir, tmp_path):
+    src = tmp_path/'src'
+    shutil.copytree(mr_dir/'HFDL', src)
+    c1 = prepare(src, size=32, cache_dir=cache_dir, progress=False)
+    f = sorted(src.glob('*.dcm'))[3]
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    c2 = prepare(src, size=32, cache_dir=cache_dir, progress=False)
+    assert c2.folder != c1.folder
+    # a truncated data file is detected and rebuilt, never read as valid
+    data = c2.folder/'slices.u16'
+    ref = np.array(c2.data)
+    with open(data, 'r+b') as fh: fh.truncate(data.stat().st_size // 2)
+    assert not SliceCache.is_valid(c2.folder)
+    c3 = prepare(src, size=32, cache_dir=cache_dir, progress=False)
+    assert SliceCache.is_valid(c3.folder) and np.array_equal(np.array(c3.data), ref)
+    # a cache whose meta.json never got written (interrupted build) is not valid either
+    (c3.folder/'meta.json').unlink()
+    assert not SliceCache.is_valid(c3.folder)
+
+def test_bad_files_are_skipped_with_a_summary(mr_dir, cache_dir, tmp_path, capsys):
+    src = tmp_path/'mixed'
+    shutil.copytree(mr_dir/'HFS', src)
+    (src/'notes.dcm').write_text('not dicom')
+    good = sorted(src.glob('0*.dcm'))[5]
+    (src/'truncated.dcm').write_bytes(good.read_bytes()[:5000])
+    dls = gan_dls(src, size=32, bs=8, cache_dir=cache_dir, progress=False)
+    out = capsys.readouterr().out
+    assert '2 files skipped' in out
+    assert len(dls.cache.skipped) == 2 and set(dls.cache.skipped.reason) != {''}
+
+def test_stacked_windows_and_labels(ct_dir, mr_dir, cache_dir, tmp_path):
+    dls = gan_dls(ct_dir, size=32, bs=4, window=['brain', 'subdural', 'bone'], cache_dir=cache_dir, progress=False, verbose=False)
+    assert tuple(dls.one_batch()[1].shape) == (4, 3, 32, 32)
+    dls = gan_dls(mr_dir, size=32, bs=8, label='folder', cache_dir=cache_dir, progress=False, verbose=False)
+    noise, real, lab = dls.one_batch()
+    assert set(dls.vocab) == {'HFDL', 'HFDR', 'HFP', 'HFS'} and tuple(lab.shape) == (8,)
+
+def test_split_keeps_series_together(mr_dir, cache_dir):
+    dls = gan_dls(mr_dir, size=32, bs=8, valid_pct=0.25, split_by='series', cache_dir=cache_dir, progress=False, verbose=False)
+    valid_idx = set(dls.valid_ds.items)
+    items = dls.cache.items
+    s_valid = set(items.loc[list(valid_idx), 'series_uid'])
+    s_train = set(items.loc[list(set(dls.train_ds.items)), 'series_uid'])
+    assert s_valid and s_train and not (s_valid & s_train)

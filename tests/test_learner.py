@@ -1,0 +1,73 @@
+"Training through fastai: the frozen net stays put, a short real run writes its pictures and files, export/load."
+import json
+from pathlib import Path
+import numpy as np, pandas as pd, pytest, torch
+from medgan_fastai.data import gan_dls
+from medgan_fastai.learner import *
+from medgan_fastai.callbacks import *
+
+@pytest.fixture(scope='module')
+def mr32(mr_dir, tmp_path_factory):
+    return gan_dls(mr_dir, size=32, bs=32, cache_dir=tmp_path_factory.mktemp('cache'), progress=False, verbose=False)
+
+def _params(m): return [p.detach().clone() for p in m.parameters()]
+def _same(a, m): return all(torch.equal(x, p) for x, p in zip(a, m.parameters()))
+
+@pytest.mark.parametrize('arch', ['dcgan', 'style'])
+def test_frozen_net_is_bitwise_unchanged(mr32, arch):
+    learn = gan_learner(mr32, arch=arch, seed=1)
+    learn.create_opt(); learn.model.train(); learn.training = True
+    noise, real = (t.as_subclass(torch.Tensor) for t in mr32.one_batch())
+    learn.xb, learn.yb = (noise,), (real,)
+    # a first full pair gives both Adam optimisers momentum, the situation where fastai's stock learner drifts
+    learn._do_one_batch()
+    g0, c0 = _params(learn.model.generator), _params(learn.model.critic)
+    fake = learn._critic_step(noise, real, make_graph=True)
+    assert _same(g0, learn.model.generator) and not _same(c0, learn.model.critic)
+    c1 = _params(learn.model.critic)
+    learn._generator_step(noise, real, fake)
+    assert _same(c1, learn.model.critic) and not _same(g0, learn.model.generator)
+
+def test_n_crit_counts_across_epochs(mr32):
+    learn = gan_learner(mr32, arch='dcgan', loss='wgan-gp', seed=0)   # n_crit=5; this data has 3 batches an epoch
+    assert learn.n_crit == 5
+    learn.fit(4)
+    assert learn.crit_steps == 4 * len(mr32.train) and learn.gen_steps == learn.crit_steps // 5 >= 2
+
+def test_two_epoch_run_writes_everything(mr32, tmp_path):
+    learn = gan_learner(mr32, arch='dcgan', seed=0, ema=True, path=tmp_path,
+                        cbs=[SampleGrid(n=16, nrow=4), LossChart(), GANCheckpoint()])
+    learn.fit(2)
+    assert (tmp_path/'samples'/'epoch_001.png').exists() and (tmp_path/'samples'/'epoch_002.png').exists()
+    assert (tmp_path/'samples'/'progress.gif').exists() and (tmp_path/'loss.png').stat().st_size > 5000
+    df = pd.read_csv(tmp_path/'loss.csv')
+    assert len(df) == 2 * len(mr32.train) and np.isfinite(df[['crit_loss', 'gen_loss']].values).all()
+    ck = latest_checkpoint(tmp_path)
+    assert ck.name == 'epoch_002.pth'
+    out = export_generator(learn, tmp_path/'generator.pth')
+    g = load_generator(out, device='cpu')
+    z = torch.randn(4, g.z_dim, generator=torch.Generator().manual_seed(3))
+    ref = sample_images(learn.ema_generator, z)
+    assert torch.equal(sample_images(g, z), ref)
+    assert torch.equal(sample_images(load_generator(ck, device='cpu'), z), ref)
+
+def test_bad_checkpoints_give_clear_errors(tmp_path, mr32):
+    learn = gan_learner(mr32, arch='dcgan', seed=0)
+    trunc = tmp_path/'trunc.pth'
+    save_checkpoint(learn, tmp_path/'good.pth', 1)
+    trunc.write_bytes((tmp_path/'good.pth').read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match='trunc.pth: not a loadable'): load_checkpoint(learn, trunc)
+    # a pickle that would run code when unpickled is refused by weights_only loading
+    import pickle, os
+    class Evil:
+        def __reduce__(self): return (os.system, ('touch ' + str(tmp_path/'pwned'),))
+    evil = tmp_path/'evil.pth'
+    evil.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match='evil.pth'): load_checkpoint(learn, evil)
+    assert not (tmp_path/'pwned').exists()
+    foreign = tmp_path/'foreign.pth'
+    torch.save({'state_dict': {}}, foreign)
+    with pytest.raises(CheckpointError, match='not a medgan_fastai checkpoint'): load_checkpoint(learn, foreign)
+    with pytest.raises(CheckpointError, match='not a medgan_fastai model file'): load_generator(foreign)
+    other = gan_learner(gan_dls_like := mr32, arch='style', seed=0)
+    with pytest.raises(CheckpointError, match='does not fit this model'): load_checkpoint(other, tmp_path/'good.pth')

@@ -1,0 +1,220 @@
+"Tests for `medgan_fastai.metrics` on real MR slices (../shared/data/mr-t1-sag) and fastai's own GAN pieces."
+import copy, json, math, socket, threading, time
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from medgan_fastai.dicom import load_dicom, read_dicom
+import medgan_fastai.metrics as M
+from medgan_fastai.metrics import (swd, msssim_diversity, msssim_setting, precision_recall, image_features, memorisation_audit,
+                                   inception_metrics, inception_weights_file, InceptionWeightsError, INCEPTION_URL, evaluate,
+                                   metric_keys, MetricsCallback, image_batch)
+
+def _slice64(path):
+    "A DICOM slice scaled to [-1, 1] by its 0.5/99.5 percentiles and resized to 64 px"
+    x = load_dicom(path)
+    lo, hi = np.percentile(x, [0.5, 99.5])
+    x = torch.from_numpy(np.clip((x - lo) / (hi - lo), 0, 1) * 2 - 1)
+    return F.interpolate(x[None, None], size=(64, 64), mode='bilinear', antialias=True, align_corners=False)[0]
+
+@pytest.fixture(scope='module')
+def mr_split(mr_dir):
+    "The 140 MR slices at 64 px: each head position's series ordered by InstanceNumber and split alternately (train, held-out)"
+    train, held = [], []
+    for pos in sorted(p for p in mr_dir.iterdir() if p.is_dir()):
+        files = sorted(pos.glob('*.dcm'), key=lambda f: int(read_dicom(f, stop_before_pixels=True).InstanceNumber))
+        for i, f in enumerate(files): (train if i % 2 == 0 else held).append(_slice64(f))
+    assert len(train) + len(held) == 140
+    return torch.stack(train), torch.stack(held)
+
+def _noise(shape, seed=0): return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+# --- inputs
+
+def test_image_batch_forms():
+    test = image_batch(np.array([[[0, 255]]], np.uint8))  # (n, h, w) uint8 -> (n, 1, h, w) in [-1, 1]
+    assert test.shape == (1, 1, 1, 2) and test.tolist() == [[[[-1., 1.]]]]
+    with pytest.raises(ValueError, match='fake: expected'): image_batch(torch.zeros(2, 4, 8, 8), 'fake')
+
+# --- SWD
+
+def test_swd_self_zero_and_monotonic_in_noise(mr_split):
+    train, _ = mr_split
+    assert swd(train, train)['swd'] == 0
+    scores = [swd(train, train + s * _noise(train.shape))['swd'] for s in (0.02, 0.05, 0.1, 0.2, 0.4)]
+    assert all(a < b for a, b in zip(scores, scores[1:])), scores
+    assert scores[0] > 1
+
+def test_swd_levels_deterministic_and_held_out_closer_than_noise(mr_split):
+    train, held = mr_split
+    r = swd(train, held)
+    assert list(r) == ['swd_64', 'swd_32', 'swd_16', 'swd'] == metric_keys(['swd'], 64)
+    assert r == swd(train, held)  # same seed, same numbers
+    assert r != swd(train, held, seed=1)
+    assert math.isclose(r['swd'], np.mean([r['swd_64'], r['swd_32'], r['swd_16']]))
+    assert r['swd'] < swd(train, held + 0.1 * _noise(held.shape))['swd']
+
+def test_swd_rgb_and_size_mismatch():
+    x = torch.rand(20, 3, 32, 32) * 2 - 1
+    assert list(swd(x, x.flip(-1))) == ['swd_32', 'swd_16', 'swd']
+    with pytest.raises(ValueError, match='differ in size'): swd(x, x[..., :16, :16])
+
+# --- MS-SSIM diversity
+
+def test_msssim_identical_is_one_noise_low(mr_split):
+    train, _ = mr_split
+    assert math.isclose(msssim_diversity(train[[5] * 10], n_pairs=50), 1., abs_tol=1e-5)
+    noise = torch.rand(50, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert msssim_diversity(noise, n_pairs=200) < 0.05
+    real = msssim_diversity(train, n_pairs=200)
+    assert 0.1 < real < 0.9  # slices of one head are alike, but not the same
+    assert real == msssim_diversity(train, n_pairs=200)
+
+@pytest.mark.parametrize('size,scales', [(32, 3), (64, 4), (128, 5), (256, 5)])
+def test_msssim_small_images(size, scales):
+    s = msssim_setting(size)
+    assert len(s['betas']) == scales and math.isclose(sum(s['betas']), 1., abs_tol=1e-3)
+    x = torch.rand(4, 1, size, size) * 2 - 1
+    assert 0 <= msssim_diversity(x, n_pairs=4) < 0.2
+
+# --- precision / recall
+
+def test_precision_recall(mr_split):
+    train, held = mr_split
+    assert precision_recall(train, train) == dict(precision=1., recall=1.)
+    pr = precision_recall(train, held)
+    assert pr['precision'] > 0.8 and pr['recall'] > 0.8
+    collapsed = precision_recall(train, train[[3] * 40])
+    assert collapsed['precision'] == 1 and collapsed['recall'] < 0.2
+    noise = precision_recall(train, torch.rand(70, 1, 64, 64) * 2 - 1)
+    assert noise['precision'] == 0
+    px = precision_recall(train, held, features='pixels')
+    assert px['precision'] > 0.8
+
+def test_random_embedding_fixed():
+    x = torch.rand(4, 1, 64, 64) * 2 - 1
+    torch.manual_seed(123)  # the embedding ignores torch's global seed
+    a = image_features(x)
+    torch.manual_seed(7)
+    assert torch.equal(a, image_features(x)) and a.shape == (4, 1024)
+
+# --- memorisation audit
+
+def test_memorisation_flags_copier_not_held_out(mr_split, tmp_path):
+    train, held = mr_split
+    copier = memorisation_audit(train, train)  # a "generator" that replays training slices
+    assert copier.copy_rate == 1 and torch.equal(copier.nn_index, torch.arange(len(train)))
+    noisy = memorisation_audit(train[:30] + 0.02 * _noise((30, 1, 64, 64)), train)  # replays with a little noise
+    assert noisy.copy_rate == 1 and torch.equal(noisy.nn_index, torch.arange(30))
+    honest = memorisation_audit(held, train)  # returns real slices it never saw, between the training slices
+    # expected: about the 1% quantile; slightly more because each held-out slice lies between two training slices
+    assert honest.copy_rate <= 0.1
+    assert honest.train_nn_distance.shape == (len(train),) and (honest.train_nn_distance > 0).all()
+    s = honest.summary()
+    json.dumps(s)
+    assert s['median_nn_distance'] > s['copy_threshold']
+    assert memorisation_audit(held, train, space='feature').copy_rate <= 0.1
+    f1 = honest.show_pairs(fname=tmp_path/'pairs.png'); f2 = honest.show_distances(tmp_path/'dist.png')
+    for f in ('pairs.png', 'dist.png'): assert (tmp_path/f).read_bytes()[:4] == b'\x89PNG'
+    with pytest.raises(FileExistsError): honest.show_pairs(fname=tmp_path/'pairs.png')
+    assert len(f1.axes) == 16 and len(honest.show_pairs(3).axes) == 6
+
+# --- FID / KID / IS plumbing
+# The Inception weights cannot be downloaded here, so these tests pass a small stand-in feature extractor through the
+# same API (`feature=`): they check our plumbing (uint8 RGB input, torchmetrics' FID/KID/IS), not Inception's numbers.
+
+class StandInFeatures(nn.Module):
+    "NOT Inception: 4x4 average-pooled intensities; records what it was given"
+    def forward(self, x):
+        self.seen = (x.dtype, x.shape[1])
+        return F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
+
+def test_inception_metrics_with_stand_in(mr_split):
+    train, held = mr_split
+    net = StandInFeatures()
+    same = inception_metrics(held, held, feature=net)
+    assert net.seen == (torch.uint8, 3)  # grayscale repeated to 3 channels, 0..255
+    assert set(same) == {'fid', 'kid', 'kid_std', 'is', 'is_std'}
+    assert all(math.isfinite(v) for v in same.values())
+    # KID's unbiased estimate is slightly negative for identical small sets; its subset size was adapted (68, not 1000)
+    assert abs(same['fid']) < 1e-6 and abs(same['kid']) < 0.01 and same['kid_std'] < 1e-6
+    ab, ba = inception_metrics(train, held, feature=net), inception_metrics(held, train, feature=net)
+    assert ab['fid'] > 1e-4 and math.isclose(ab['fid'], ba['fid'], rel_tol=1e-6)
+    assert math.isclose(ab['kid'], ba['kid'], rel_tol=0.2, abs_tol=1e-4)
+    far = inception_metrics(held * 0.5, train, feature=net)  # a washed-out "model"
+    assert far['fid'] > 10 * ab['fid'] and far['kid'] > ab['kid'] + 0.01
+    assert ab['is'] >= 1
+
+def test_offline_weights_error_fast_and_clear(tmp_path, monkeypatch):
+    "No weights file, no cache, a network that never answers: a clear error after `timeout`, not a hang"
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    assert INCEPTION_URL == URL_INCEPTION_V3
+    silent = socket.socket(); silent.bind(('127.0.0.1', 0)); silent.listen(8)  # accepts connections, never answers
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path/'torch'))
+    monkeypatch.setattr(M, 'INCEPTION_URL', f'http://127.0.0.1:{silent.getsockname()[1]}/weights-inception.pth')
+    x = torch.zeros(4, 1, 32, 32)
+    try:
+        t = time.time()
+        with pytest.raises(InceptionWeightsError, match='inception_weights=FILE') as e:
+            inception_metrics(x, x, timeout=2)
+        assert time.time() - t < 15
+        assert 'download failed' in str(e.value) and str(tmp_path/'torch') in str(e.value)
+    finally: silent.close()
+    assert not list((tmp_path/'torch').rglob('*.pth'))  # no partial file left in the cache
+
+def test_weights_file_errors(tmp_path):
+    with pytest.raises(InceptionWeightsError, match='missing.pth: file not found'): inception_weights_file(tmp_path/'missing.pth')
+    bad = tmp_path/'bad.pth'; bad.write_bytes(b'not a checkpoint')
+    x = torch.zeros(4, 1, 32, 32)
+    with pytest.raises(InceptionWeightsError, match='not usable Inception weights'): evaluate(x, x, ['fid'], inception_weights=bad)
+
+# --- evaluate
+
+def test_evaluate_keys_json_and_pictures(mr_split, tmp_path):
+    train, held = mr_split
+    r = evaluate(held, train, metrics=('swd', 'msssim', 'pr', 'memo', 'fid', 'kid'), n_pairs=100,
+                 inception_feature=StandInFeatures(), picture_dir=tmp_path)
+    assert list(r) == metric_keys(('swd', 'msssim', 'pr', 'memo', 'fid', 'kid'), 64)
+    assert json.loads(json.dumps(r)) == r
+    assert {p.name for p in tmp_path.iterdir()} == {'memorisation_pairs.png', 'memorisation_distances.png'}
+    with pytest.raises(ValueError, match='unknown metrics'): evaluate(held, train, ['swd', 'lpips'])
+
+# --- training callback, with fastai's own GANLearner and DCGAN pieces (no mocks)
+
+def _tiny_gan(cb, size=32, n=48, bs=16):
+    from fastai.vision.gan import GANLearner, basic_generator, basic_critic
+    from fastai.data.core import DataLoaders
+    g = torch.Generator().manual_seed(0)
+    real = torch.tanh(F.interpolate(torch.randn(n, 1, 8, 8, generator=g), size=size, mode='bicubic', align_corners=False))
+    items = [(torch.randn(100, generator=g), real[i]) for i in range(n)]
+    dls = DataLoaders.from_dsets(items, items[:bs], bs=bs, device='cpu')
+    return GANLearner.wgan(dls, basic_generator(size, 1, n_features=8), basic_critic(size, 1, n_features=8), cbs=cb)
+
+def test_metrics_callback_in_fastai_fit(tmp_path):
+    cb = MetricsCallback(every=2, n=24, metrics=('swd', 'pr'), chart=tmp_path/'metrics.png')
+    learn = _tiny_gan(cb)
+    n_metrics = len(learn.metrics)
+    learn.fit(4, 1e-4)
+    keys = metric_keys(('swd', 'pr'), 32)
+    names = list(learn.recorder.metric_names)
+    assert names[-len(keys) - 1:-1] == keys  # columns of the epoch table
+    assert [h['epoch'] for h in cb.history] == [1, 3]
+    col = names.index('swd') - 1  # recorder.values lack the epoch column
+    assert math.isnan(learn.recorder.values[0][col]) and learn.recorder.values[1][col] == cb.history[0]['swd']
+    assert cb.real.shape == (24, 1, 32, 32)
+    assert len(learn.metrics) == n_metrics  # our columns are removed after fit
+    assert (tmp_path/'metrics.png').read_bytes()[:4] == b'\x89PNG'
+
+def test_metrics_callback_sampling_fixed_mode_restored_ema():
+    cb = MetricsCallback(n=10)
+    learn = _tiny_gan(cb)
+    learn.fit(1, 1e-4)
+    g = learn.model.generator
+    g.train()
+    a, b = cb.sample(), cb.sample()
+    assert g.training and torch.equal(a, b) and a.shape == (10, 1, 32, 32)
+    learn.ema_generator = copy.deepcopy(g)
+    with torch.no_grad():
+        for p in learn.ema_generator.parameters(): p.mul_(0.5)
+    assert cb.generator is learn.ema_generator and not torch.equal(cb.sample(), a)
