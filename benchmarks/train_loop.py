@@ -25,7 +25,7 @@ def run_ours(args):
     import torch
     from medgan_fastai.learner import gan_learner
     dls = _data(args)
-    learn = gan_learner(dls, arch='dcgan', loss='bce', seed=0)
+    learn = gan_learner(dls, arch='dcgan', loss='bce', augment=None, ema=False, seed=0)
     n_b = len(dls.train)
     with learn.no_bar(), learn.no_logging(): learn.fit(1)  # warm-up epoch
     epochs = max(1, args.pairs // n_b)

@@ -146,7 +146,7 @@ def server(style_file):
 @pytest.fixture(scope='module')
 def client(server):
     from gradio_client import Client
-    return Client(server.local_url, verbose=False)
+    return Client(server.local_url, verbose=False, analytics_enabled=False)
 
 def test_server_listens_on_loopback_only(server):
     port = int(server.local_url.rstrip('/').rsplit(':', 1)[1])
@@ -183,7 +183,7 @@ def test_dcgan_api_has_no_mixing(dcgan_file):
     from gradio_client import Client
     demo = serve(dcgan_file, port=free_port(), device='cpu', block=False, quiet=True)
     try:
-        c = Client(demo.local_url, verbose=False)
+        c = Client(demo.local_url, verbose=False, analytics_enabled=False)
         assert '/mix' not in c.view_api(print_info=False, return_format='dict')['named_endpoints']
         np.testing.assert_array_equal(pixels(c.predict(4, api_name='/generate')), as_8bit(generate(load_generator(dcgan_file, 'cpu'), [4])))
     finally: demo.close()

@@ -54,17 +54,28 @@ def test_png_and_dicom_paths_agree(mr_dir, cache_dir, tmp_path):
     b = gan_dls(png, size=64, bs=8, cache_dir=cache_dir, progress=False, skip_blank=False, verbose=False)
     xa, xb = _all_batches(a), _all_batches(b)
     assert xa.shape == xb.shape
+    # the two caches order slices differently (DICOM by position along the normal, PNG by name): pair them by file
+    sa = [Path(f).stem for f in a.items.file]
+    sb = {Path(f).stem: i for i, f in enumerate(b.items.file)}
+    xb = xb[[sb[s] for s in sa]]
     # both in [-1, 1]: 1/255 of the [0, 1] range is 2/255 here
     assert (xa - xb).abs().max() <= 2 / 255 + 1e-6
 
 def test_cache_second_run_reads_no_dicom(mr_dir, cache_dir, monkeypatch):
-    first = gan_dls(mr_dir/'HFP', size=32, bs=8, cache_dir=cache_dir, progress=False, verbose=False)
+    import pydicom.pixels
     calls = []
-    real = pydicom.dcmread
-    def counting(*a, **k):
-        calls.append(a[0] if a else k)
-        return real(*a, **k)
-    monkeypatch.setattr(pydicom, 'dcmread', counting)
+    def counting(f):
+        def wrapped(*a, **k):
+            calls.append(f.__name__)
+            return f(*a, **k)
+        return wrapped
+    # every way the library reads DICOM: full reads (scan, fallbacks) and the fast pixel path of `dicom_slice`
+    monkeypatch.setattr(pydicom, 'dcmread', counting(pydicom.dcmread))
+    monkeypatch.setattr(pydicom.pixels, 'pixel_array', counting(pydicom.pixels.pixel_array))
+    # 35 files: decoded in this process, so the counter sees the first run's reads
+    first = gan_dls(mr_dir/'HFP', size=32, bs=8, cache_dir=cache_dir, progress=False, verbose=False)
+    assert calls.count('dcmread') >= 35 and calls.count('pixel_array') >= 35
+    calls.clear()
     second = gan_dls(mr_dir/'HFP', size=32, bs=8, cache_dir=cache_dir, progress=False, verbose=False)
     assert calls == []
     assert torch.equal(_all_batches(first), _all_batches(second))

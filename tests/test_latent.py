@@ -144,9 +144,9 @@ def test_directions_orthonormal_and_zero_move_is_identity(G):
 
 def test_projection_recovers_a_generated_image(G):
     target = generate(G, [11])[0]  # (c, h, w)
-    p = project(G, target, steps=150)
+    p = project(G, target, steps=100)
     assert p.w.shape == (1, G.num_ws, G.w_dim) and p.image.shape == (1, 1, SIZE, SIZE)
-    assert len(p.history) == 150 and p.noise is None
+    assert len(p.history) == 100 and p.noise is None
     random_w = float(F.mse_loss(generate(G, [12]), target[None]))
     start = float(F.mse_loss(synthesize(G, G.mapping.w_avg[None]), target[None]))
     assert p.error < 0.5 * random_w, (p.error, random_w)

@@ -71,3 +71,16 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, mr32):
     with pytest.raises(CheckpointError, match='not a medgan_fastai model file'): load_generator(foreign)
     other = gan_learner(gan_dls_like := mr32, arch='style', seed=0)
     with pytest.raises(CheckpointError, match='does not fit this model'): load_checkpoint(other, tmp_path/'good.pth')
+
+def test_style_gan_with_ada_short_run(mr32, tmp_path):
+    "[style]: a short CPU run of the style GAN with ADA on real MR at 32 px"
+    learn = gan_learner(mr32, arch='style', augment='ada', ada_target=0.2, ada_kimg=1., seed=0, path=tmp_path,
+                        g_kwargs=dict(channel_base=256, channel_max=64), c_kwargs=dict(channel_base=256, channel_max=64),
+                        cbs=[LossChart()])
+    learn.fit(4)
+    df = pd.read_csv(tmp_path/'loss.csv')
+    assert np.isfinite(df[['crit_loss', 'gen_loss']].values).all()
+    assert 'aug_p' in df and df.aug_p.max() > 0 and df.aug_p.nunique() > 1        # p moved and was recorded
+    assert learn.model.critic.augment.p == df.aug_p.iloc[-1]
+    ema, g = learn.ema_generator, learn.model.generator
+    assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), g.parameters()))
