@@ -19,7 +19,7 @@ env: $(STAMP)
 
 # the main job: train on the demo brain MR series (no data needed), a few minutes on 2 CPU cores; run again to
 # continue the same run (it resumes), `rm -r runs/demo` to start over
-DEMO_EPOCHS ?= 40
+DEMO_EPOCHS ?= 150
 demo: env
 	$(BIN)/medgan train --out runs/demo --epochs $(DEMO_EPOCHS) $$(test -f runs/demo/config.json && echo --resume)
 	@echo "samples: runs/demo/samples/ (progress.gif), losses: runs/demo/loss.png; next: $(BIN)/medgan serve runs/demo"
