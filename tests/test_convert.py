@@ -110,3 +110,11 @@ def test_modality_units_and_derived_series(tmp_path):
     assert ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage and ds.ConversionType == 'SYN'
     assert np.allclose(load_dicom(ot), round(0.25 * 65535))
     with pytest.raises(FileExistsError): write_synthetic_dicom(np.zeros((8, 8)), ot)
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os, stat
+    from medgan_fastai.convert import write_atomic
+    um = os.umask(0o022); os.umask(um)
+    out = tmp_path/'a.txt'
+    assert write_atomic(out, lambda p: open(p, 'w').write('x'))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~um
