@@ -124,3 +124,16 @@ def test_split_keeps_series_together(mr_dir, cache_dir):
     s_valid = set(items.loc[list(valid_idx), 'series_uid'])
     s_train = set(items.loc[list(set(dls.train_ds.items)), 'series_uid'])
     assert s_valid and s_train and not (s_valid & s_train)
+
+def test_two_processes_building_the_same_cache_at_once(mr_dir, tmp_path):
+    "Parallel notebooks or runs may build one cache together: both must end with the same valid cache"
+    import subprocess, sys
+    code = ('import sys; from medgan_fastai.data import prepare; '
+            'c = prepare(sys.argv[1], size=32, cache_dir=sys.argv[2], progress=False, n_workers=0); print(c.folder, len(c))')
+    ps = [subprocess.Popen([sys.executable, '-c', code, str(mr_dir/'HFS'), str(tmp_path/'cache')], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in ps]
+    assert all(p.returncode == 0 for p in ps), [o[1][-2000:] for o in outs]
+    (f1, n1), (f2, n2) = (o[0].split() for o in outs)
+    assert f1 == f2 and n1 == n2 == '35' and SliceCache.is_valid(f1)
+    assert not list((tmp_path/'cache'/'slices').glob('.*.tmp'))   # no staging folder left behind
