@@ -88,3 +88,18 @@ def test_resume_after_sigkill_equals_uninterrupted_run(mr_dir, env, tmp_path):
         for k in a[net]:   # bitwise equal (the augmentation's extra state, its probability p, is a dict)
             assert (torch.equal(a[net][k], b[net][k]) if isinstance(a[net][k], torch.Tensor) else a[net][k] == b[net][k]), (net, k)
     assert len(list((cut/'samples').glob('epoch_*.png'))) == 4
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(mr_dir, env, tmp_path):
+    import signal, time
+    out = tmp_path/'int'
+    p = subprocess.Popen(_train_args(mr_dir/'HFS', out, 500), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out/'checkpoints'/'epoch_001.pth').exists() and time.time() < deadline and p.poll() is None: time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr[-2000:]
+    assert 'Traceback' not in stderr and 'interrupted during epoch' in stdout
+    saved = sorted((out/'checkpoints').glob('*_interrupted.pth'))
+    assert len(saved) == 1
+    r = _run([MEDGAN, 'train', '--out', str(out), '--resume', '--epochs', str(int(saved[0].name[6:9]) + 1)], env)
+    assert 'resuming' in r.stdout and (out/'generator.pth').exists()
