@@ -10,19 +10,17 @@ pairs) per second, the ratios a/b and c/b, and peak RSS.
 
 usage: python benchmarks/train_loop.py [--repeats 3] [--pairs 24] [--data ../shared/data/mr-t1-sag]
 """
-import argparse, json, os, resource, statistics, subprocess, sys, time
+import argparse, json, resource, statistics, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 def _data(args):
-    import torch
     from medgan_fastai.data import gan_dls
     dls = gan_dls(args.data, size=64, bs=64, cache_dir=args.cache, progress=False, verbose=False)
     return dls
 
 def run_ours(args):
-    import torch
     from medgan_fastai.learner import gan_learner
     dls = _data(args)
     learn = gan_learner(dls, arch='dcgan', loss='bce', augment=None, ema=False, seed=0)
@@ -36,7 +34,6 @@ def run_ours(args):
 
 def run_stock(args):
     import torch
-    from torch import nn
     from fastai.vision.gan import GANLearner, FixedGANSwitcher
     from fastai.optimizer import Adam
     from medgan_fastai.models import DCGANGenerator, DCGANCritic

@@ -1,10 +1,8 @@
 "The fastai data pipeline on real DICOM: windowed batches, PNG/DICOM agreement, the decode-once cache."
-import os, shutil, subprocess, sys
+import os, shutil
 from pathlib import Path
-import numpy as np, pandas as pd, pydicom, pytest, torch
-import medgan_fastai.dicom as dicom_mod
+import numpy as np, pydicom, pytest, torch
 from medgan_fastai.data import *
-from medgan_fastai.dicom import scan, WINDOWS
 
 @pytest.fixture
 def cache_dir(tmp_path): return tmp_path/'cache'

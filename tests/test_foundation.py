@@ -1,7 +1,6 @@
 "Project plumbing: the library is generated from the notebooks, README from index.ipynb, the CLI answers."
 import json, shutil, subprocess, sys
 from pathlib import Path
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT/'tools'))

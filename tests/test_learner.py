@@ -1,6 +1,4 @@
 "Training through fastai: the frozen net stays put, a short real run writes its pictures and files, export/load."
-import json
-from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from medgan_fastai.data import gan_dls
 from medgan_fastai.learner import *
@@ -69,7 +67,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, mr32):
     torch.save({'state_dict': {}}, foreign)
     with pytest.raises(CheckpointError, match='not a medgan_fastai checkpoint'): load_checkpoint(learn, foreign)
     with pytest.raises(CheckpointError, match='not a medgan_fastai model file'): load_generator(foreign)
-    other = gan_learner(gan_dls_like := mr32, arch='style', seed=0)
+    other = gan_learner(mr32, arch='style', seed=0)
     with pytest.raises(CheckpointError, match='does not fit this model'): load_checkpoint(other, tmp_path/'good.pth')
 
 def test_style_gan_with_ada_short_run(mr32, tmp_path):
