@@ -2,7 +2,8 @@
 
 - the cached loader (`gan_dls` batches after the cache exists) at 64 px and 128 px, images/s;
 - the first, uncached epoch (scan + decode + window + resize into the cache, then one epoch), images/s, against a naive
-  per-file loop (pydicom `dcmread` + `pixel_array` + min-max + PIL resize to 64 px, the seed's way);
+  per-file loop (pydicom `dcmread` + `pixel_array` + min-max + PIL resize to 64 px, the seed's way); also the cache
+  build alone in this one process (`n_workers=0`), to show what the per-file work costs without the second core;
 - what training consumes: real images/s of the DCGAN step at 64 px, bs 64 (`gan_learner`).
 
 Targets ([data] issue): cached loader >= 20x the training step's consumption; first epoch >= 2x the naive loop.
@@ -49,7 +50,7 @@ def main():
     ap.add_argument('--repeats', type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    from medgan_fastai.data import gan_dls
+    from medgan_fastai.data import gan_dls, prepare
     from medgan_fastai.learner import gan_learner
     tmp = Path(tempfile.mkdtemp(prefix='medgan_bench_'))
     try:
@@ -64,6 +65,12 @@ def main():
             m = sum(len(b[1]) for b in dls.train)
             first.append(m / (time.perf_counter() - t))
             print(f'repeat {r+1}: naive loop {naive[-1]:.0f} slices/s, first epoch (scan+decode+cache+epoch) {first[-1]:.0f} images/s')
+        one = []
+        for r in range(args.repeats):
+            t = time.perf_counter()
+            c = prepare(tmp/'src', size=64, cache_dir=tmp/f'one{r}', n_workers=0, progress=False)
+            one.append(len(c) / (time.perf_counter() - t))
+        print(f'cache build in one process (no workers): {statistics.median(one):.0f} slices/s')
         rates = {}
         for size in (64, 128):
             dls = gan_dls(tmp/'src', size=size, bs=64, cache_dir=tmp/'cache0', progress=False, verbose=False)
@@ -79,6 +86,7 @@ def main():
         print(f'\nratio cached loader (64 px) / training consumption: {rates[64] / consume:.1f}x  (target >= 20x)')
         print(f'ratio cached loader (128 px) / training consumption at 64 px: {rates[128] / consume:.1f}x')
         print(f'ratio first epoch / naive loop: {statistics.median(first) / statistics.median(naive):.2f}x  (target >= 2x)')
+        print(f'ratio one-process cache build / naive loop: {statistics.median(one) / statistics.median(naive):.2f}x')
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -99,13 +99,13 @@ def read_slice(item, # a DICOM or image file, or a `(file, frame)` pair
     file,frame = (item if isinstance(item, (tuple, list)) else (item, None))
     file = str(file)
     ws = _windows(window)
-    if Path(file).suffix.lower() in IMAGE_SUFFIXES:
+    if os.path.splitext(file)[1].lower() in IMAGE_SUFFIXES:
         # already windowed images: one channel as stored
         chans = [square_slice(read_image_slice(file), size)]
     else:
         frame = None if frame is None or pd.isna(frame) else int(frame)
-        # one window: `dicom_slice`'s fast path reads only the tags it needs; several: read once, window each
-        src = dataset if dataset is not None else file if len(ws) == 1 else read_dicom(file)
+        # one window: `dicom_slice` reads the file its fastest way; several: read once, window each
+        src = dataset if dataset is not None else file if len(ws) == 1 else read_native(file) or read_dicom(file)
         chans = [square_slice(dicom_slice(src, frame, window=w), size) for w in ws]
     out = np.stack(chans)
     if channels and out.shape[0] == 1 and channels > 1: out = np.repeat(out, channels, 0)
@@ -128,21 +128,33 @@ def default_cache_dir()->Path:
     "Where caches go: `$MEDGAN_CACHE`, else `~/.cache/medgan_fastai`"
     return Path(os.environ.get('MEDGAN_CACHE') or Path.home()/'.cache'/'medgan_fastai')
 
+_NOT_SLICES = {'.csv', '.json', '.txt', '.md'}
+
+def _walk_files(folder:str, seen:set|None=None):
+    "Files under `folder`, recursively, hidden ones and our reports skipped (`os.scandir`: no stat for plain files)"
+    seen = set() if seen is None else seen
+    st = os.stat(folder)
+    if (st.st_dev, st.st_ino) in seen: return  # a symlink loop
+    seen.add((st.st_dev, st.st_ino))
+    for e in os.scandir(folder):
+        if e.name.startswith('.'): continue
+        if e.is_dir(): yield from _walk_files(e.path, seen)
+        elif e.is_file() and os.path.splitext(e.name)[1].lower() not in _NOT_SLICES and e.name != 'LICENSE': yield e.path
+
 def source_files(source)->list:
     "The candidate files of a folder (recursively), a file, or a list of files; hidden files and our reports skipped"
     if isinstance(source, (list, tuple)): return [Path(p) for p in source]
     p = Path(source)
     if p.is_file(): return [p]
     if not p.is_dir(): raise DicomError(p, 'no such file or folder')
-    return sorted(f for f in p.rglob('*') if f.is_file() and not f.name.startswith('.')
-                  and f.suffix.lower() not in {'.csv', '.json', '.txt', '.md'} and f.name != 'LICENSE')
+    return [Path(f) for f in sorted(_walk_files(str(p)))]
 
 def _stat_key(files)->list:
-    "(path, size, mtime_ns) of each file: enough to notice any change without reading a byte"
+    "(absolute path, size, mtime_ns) of each file: enough to notice any change without reading a byte"
     out = []
     for f in files:
         st = os.stat(f)
-        out.append((str(Path(f).resolve()), st.st_size, st.st_mtime_ns))
+        out.append((os.path.abspath(f), st.st_size, st.st_mtime_ns))
     return out
 
 # %% ../nbs/02_data.ipynb #2a676d51
@@ -151,19 +163,40 @@ def _malloc_for_big_buffers():
     try: ctypes.CDLL('libc.so.6').mallopt(-3, 64 * 1024 * 1024)  # M_MMAP_THRESHOLD
     except Exception: pass
 
+def _u16(x): return np.round(np.clip(x, 0, 1) * 65535).astype(np.uint16)
+
+def _decode_one(file, frame, window, size, channels, tags, ds=None):
+    "(uint16 slice or None, reason, labels) of one item; never raises"
+    try:
+        # labels from DICOM tags: read the file once, for the tags and the pixels
+        if ds is None and tags and os.path.splitext(file)[1].lower() not in IMAGE_SUFFIXES: ds = read_dicom(file)
+        x = read_slice((file, frame), window, size, channels, dataset=ds)
+        return _u16(x), '', ({t: str(ds.get(t, '')) for t in tags} if tags and ds is not None else {})
+    except DicomError as e: return None, e.reason, {}
+    except Exception as e: return None, f'{type(e).__name__}: {e}', {}
+
 def _decode_chunk(args):
-    "Worker: decode a list of (file, frame) items; failures come back as reasons, never raise"
+    "Worker: decode a list of (file, frame) items: [(None, slice, reason, labels)]"
     items,window,size,channels,tags = args
+    return [(None, *_decode_one(file, frame, window, size, channels, tags)) for file,frame in items]
+
+def _scan_decode_chunk(args):
+    "Worker: scan and decode a list of files, one read each: [(scan row, slice, reason, labels)] per slice"
+    files,window,size,channels,tags = args
     out = []
-    for file,frame in items:
-        try:
-            # labels from DICOM tags: read the file once, for the tags and the pixels
-            ds = read_dicom(file) if tags and Path(file).suffix.lower() not in IMAGE_SUFFIXES else None
-            x = read_slice((file, frame), window, size, channels, dataset=ds)
-            lab = {t: str(ds.get(t, '')) for t in tags} if ds is not None else {}
-            out.append((np.round(np.clip(x, 0, 1) * 65535).astype(np.uint16), '', lab))
-        except DicomError as e: out.append((None, e.reason, {}))
-        except Exception as e: out.append((None, f'{type(e).__name__}: {e}', {}))
+    for file in files:
+        if os.path.splitext(file)[1].lower() in IMAGE_SUFFIXES:
+            st = os.stat(file)
+            out.append((dict(file=file, frame=0, frames=1, size=st.st_size, mtime=st.st_mtime, ok=True, reason=''),
+                        *_decode_one(file, 0, window, size, channels, tags)))
+            continue
+        # a plain file: `read_native` gives header and pixels in one read; others (and labels from tags): pydicom, once
+        ds = None if tags else read_native(file)
+        if ds is None:
+            try: ds = read_dicom(file)
+            except DicomError: ds = None  # `scan_file` says why
+        for row in scan_file(file, dataset=ds):
+            out.append((row, *(_decode_one(file, row['frame'], window, size, channels, tags, ds) if row['ok'] else (None, row['reason'], {}))))
     return out
 
 # %% ../nbs/02_data.ipynb #0e30f466
@@ -215,6 +248,28 @@ def _bounded_map(ex, fn, jobs, ahead:int):
             pending.append(ex.submit(fn, j)); break
 
 # %% ../nbs/02_data.ipynb #c5c205b5
+def _reorder(path:Path, # a file of slices, each `per` shaped uint16
+             order:np.ndarray, # slice `k` of the result is slice `order[k]` of the file
+             per:tuple,
+             chunk:int=4096, # slices copied at a time (bounded memory)
+            )->int: # CRC-32 of the new file
+    "Rewrite the slices in `path` in `order`, atomically; return the new file's CRC-32"
+    nbytes,crc = int(np.prod(per)) * 2,0
+    # plain reads, not a memory map: mapped pages would stay resident and count as this process's memory
+    with open(path, 'rb') as src, open(f'{path}.order', 'wb') as out:
+        for i in range(0, len(order), chunk):
+            part = np.asarray(order[i:i+chunk])
+            buf = np.empty((len(part), *per), np.uint16)
+            starts = np.flatnonzero(np.diff(part, prepend=-2) != 1).tolist()  # runs of consecutive slices: one read each
+            for a,b in zip(starts, starts[1:] + [len(part)]):
+                src.seek(int(part[a]) * nbytes)
+                if src.readinto(memoryview(buf[a:b]).cast('B')) != (b - a) * nbytes: raise OSError(f'{path}: short read')
+            data = buf.tobytes()
+            out.write(data); crc = zlib.crc32(data, crc)
+    os.replace(f'{path}.order', path)
+    return crc
+
+# %% ../nbs/02_data.ipynb #3c6a928f
 class SliceCache:
     "Windowed, resized slices of a source in one memory-mapped uint16 array, built once and checked on open"
     def __init__(self, folder:Path): # a cache folder written by `SliceCache.build`
@@ -251,7 +306,7 @@ class SliceCache:
 
     @classmethod
     def build(cls,
-              items:pd.DataFrame, # rows with `file` and `frame` (from `scan` or image files)
+              items, # DataFrame rows with `file` and `frame` (e.g. from `scan`), or a list of files to scan as they are decoded
               folder:Path, # where to write (created; replaced if it holds an invalid cache)
               window='auto', size:int=64, channels:int|None=None,
               tags:list|None=None, # DICOM tags to record per slice (labels)
@@ -260,49 +315,63 @@ class SliceCache:
               skipped:pd.DataFrame|None=None, # rows already known to be unusable (kept in the item table with their reason)
              )->SliceCache:
         "Decode, window and resize every item once into `folder`; bad files are kept as rows with a reason"
+        # a list of files is scanned in the same read that decodes it (one read per file, no separate header pass);
+        # its rows are put in `sort_slices` order afterwards, and the slices with them
         final = Path(folder)
         # built in a private folder and published by one rename: two processes building the same cache at once
         # (parallel notebooks, two runs) never see each other's half-written files
         folder = final.with_name(f'.{final.name}.{os.getpid()}.tmp')
         if folder.exists(): shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        items = items.reset_index(drop=True).copy()
+        from_files = not isinstance(items, pd.DataFrame)
+        if from_files: units = [str(f) for f in items]
+        else:
+            items = items.reset_index(drop=True).copy()
+            units = list(zip(items.file.astype(str), items.frame))
         n_workers = os.cpu_count() if n_workers is None else n_workers
-        pairs = list(zip(items.file.astype(str), items.frame))
-        chunk = max(1, min(32, len(pairs) // max(1, 4 * (n_workers or 1))))
-        jobs = [(pairs[i:i+chunk], window, size, channels, tags) for i in range(0, len(pairs), chunk)]
+        chunk = max(1, min(32, len(units) // max(1, 4 * (n_workers or 1))))
+        jobs = [(units[i:i+chunk], window, size, channels, tags) for i in range(0, len(units), chunk)]
+        work = _scan_decode_chunk if from_files else _decode_chunk
         tmp = folder/'slices.u16.tmp'
         c = (len(_windows(window)) if channels is None or channels == 1 else channels)
-        ok,reasons,labels = [],[],[]
+        rows,slots,reasons,labels = [],[],[],[]
         n_ok,crc = 0,0
-        # decoded slices are appended to the file as they come, in order, and the CRC is taken on the way:
-        # memory stays flat whatever the number of slices (no array of them all, no mapped pages of the file)
+        # decoded slices are appended to the file as they come and the CRC is taken on the way: memory stays flat
+        # whatever the number of slices (no array of them all, no mapped pages of the file)
         out = open(tmp, 'wb')
         def _take(res):
             nonlocal n_ok,crc
-            for arr,reason,lab in res:
+            for row,arr,reason,lab in res:
                 if arr is not None and arr.shape == (c, size, size):
                     b = np.ascontiguousarray(arr, np.uint16).tobytes()
                     out.write(b); crc = zlib.crc32(b, crc)
-                    n_ok += 1; ok.append(True); reasons.append('')
+                    slots.append(n_ok); n_ok += 1; reasons.append('')
                 else:
-                    ok.append(False)
+                    slots.append(-1)
                     reasons.append(reason or f'decoded to shape {None if arr is None else arr.shape}, expected {(c, size, size)}')
-                labels.append(lab)
+                rows.append(row); labels.append(lab)
         def _bar(it): return progress_bar(it, total=len(jobs), leave=False) if progress else it
         try:
-            if n_workers and len(pairs) > 64:
+            if n_workers and len(units) > 64:
                 with ProcessPoolExecutor(n_workers, initializer=_malloc_for_big_buffers) as ex:
-                    for res in _bar(_bounded_map(ex, _decode_chunk, jobs, 4 * n_workers)): _take(res)
+                    for res in _bar(_bounded_map(ex, work, jobs, 4 * n_workers)): _take(res)
             else:
-                for res in _bar(map(_decode_chunk, jobs)): _take(res)
+                for res in _bar(map(work, jobs)): _take(res)
         finally: out.close()
         shape = (n_ok, c, size, size)
-        nbytes = int(np.prod(shape)) * 2
-        crc = crc if nbytes <= 2**30 else None  # `is_valid` re-checks the CRC of caches up to 1 GiB
+        if from_files:
+            for r,s,why,lab in zip(rows, slots, reasons, labels):
+                r.update({t: lab.get(t, '') for t in tags or []}, ok=s >= 0, reason=why, _slot=s)
+            items = scan_table(rows)  # `sort_slices` order; the usable rows first
+            items = pd.concat([items[items.ok], items[~items.ok]], ignore_index=True)
+            order = items._slot[items.ok].to_numpy()
+            items = items.drop(columns='_slot')
+            if not np.array_equal(order, np.arange(n_ok)): crc = _reorder(tmp, order, shape[1:])
+        else:
+            items['ok'],items['reason'] = [s >= 0 for s in slots],reasons
+            for t in (tags or []): items[t] = [l.get(t, '') for l in labels]
+        crc = crc if int(np.prod(shape)) * 2 <= 2**30 else None  # `is_valid` re-checks the CRC of caches up to 1 GiB
         os.replace(tmp, folder/'slices.u16')
-        items['ok'],items['reason'] = ok,reasons
-        for t in (tags or []): items[t] = [l.get(t, '') for l in labels]
         items['index'] = np.where(items.ok, np.cumsum(items.ok) - 1, -1)
         if skipped is not None and len(skipped): items = pd.concat([items, skipped.assign(ok=False, index=-1)], ignore_index=True)
         items.to_csv(folder/'items.csv', index=False)
@@ -314,20 +383,8 @@ class SliceCache:
 
 # %% ../nbs/02_data.ipynb #81d5d00f
 def _cache_key(files_stat, window, size, channels, tags)->str:
-    h = hashlib.sha1(json.dumps([files_stat, window_title(window), repr(window), size, channels, tags, 1]).encode())
+    h = hashlib.sha1(json.dumps([files_stat, window_title(window), repr(window), size, channels, tags, 2]).encode())
     return h.hexdigest()[:20]
-
-def _items_for(source, progress:bool=False)->pd.DataFrame:
-    "Rows (file, frame, ok, reason, ...) for every slice of `source`: `scan` for DICOM, one row per image file"
-    if isinstance(source, pd.DataFrame): return source.reset_index(drop=True)
-    files = source_files(source)
-    imgs = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
-    others = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
-    parts = []
-    if others: parts.append(scan([str(f) for f in others], progress=progress))
-    if imgs: parts.append(pd.DataFrame(dict(file=[str(f) for f in imgs], frame=0, ok=True, reason='')))
-    if not parts: raise DicomError(source, 'no files found')
-    return pd.concat(parts, ignore_index=True)
 
 def prepare(source, # folder, file, list of files, or a `scan` DataFrame
             size:int=64, # side of the square slices
@@ -349,11 +406,13 @@ def prepare(source, # folder, file, list of files, or a `scan` DataFrame
         key_src = _stat_key(files)
     folder = Path(cache_dir or default_cache_dir()/'slices')/_cache_key(key_src, window, size, channels, tags)
     if SliceCache.is_valid(folder): return SliceCache(folder)
-    items = _items_for(source, progress)
-    todo = items[items.ok.astype(bool)] if 'ok' in items else items
-    bad = items[~items.ok.astype(bool)] if 'ok' in items else items.iloc[:0]
-    return SliceCache.build(todo.drop(columns=['ok', 'reason'], errors='ignore'), folder, window, size, channels, tags,
-                            n_workers, progress, skipped=bad)
+    if not isinstance(source, pd.DataFrame):
+        if not files: raise DicomError(source, 'no files found')
+        return SliceCache.build(files, folder, window, size, channels, tags, n_workers, progress)
+    todo = source[source.ok.astype(bool)] if 'ok' in source else source
+    bad = source[~source.ok.astype(bool)] if 'ok' in source else source.iloc[:0]
+    return SliceCache.build(todo.drop(columns=['ok', 'reason'], errors='ignore').reset_index(drop=True), folder, window, size,
+                            channels, tags, n_workers, progress, skipped=bad)
 
 # %% ../nbs/02_data.ipynb #7b45e8fa
 def blank_mask(cache:SliceCache, threshold:float=0.05, max_fraction:float=0.95,
@@ -424,7 +483,8 @@ def _split_idxs(items:pd.DataFrame, valid_pct:float, split_by:str|None, seed:int
     rng = np.random.default_rng(seed)
     if split_by:
         col = {'series': 'series_uid'}.get(split_by, split_by)
-        groups = items[col].astype(str).values if col in items else items.file.values
+        groups = items[col].fillna('').astype(str).values if col in items else items.file.values
+        groups = np.where(groups == '', items.file.astype(str).values, groups)  # no value (PNG slices): each file alone
         uniq = np.array(sorted(set(groups)))
         rng.shuffle(uniq)
         val = set(uniq[:max(1, int(round(valid_pct * len(uniq))))])

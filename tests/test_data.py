@@ -3,6 +3,7 @@ import os, shutil
 from pathlib import Path
 import numpy as np, pydicom, pytest, torch
 from medgan_fastai.data import *
+from medgan_fastai.dicom import scan
 
 @pytest.fixture
 def cache_dir(tmp_path): return tmp_path/'cache'
@@ -59,20 +60,53 @@ def test_png_and_dicom_paths_agree(mr_dir, cache_dir, tmp_path):
     # both in [-1, 1]: 1/255 of the [0, 1] range is 2/255 here
     assert (xa - xb).abs().max() <= 2 / 255 + 1e-6
 
+def test_one_read_build_orders_like_scan(mr_dir, cache_dir):
+    # 140 files: decoded by worker processes as they are scanned, then put in `scan`'s anatomical order
+    c = prepare(mr_dir, size=32, cache_dir=cache_dir, progress=False, n_workers=2)
+    ref = scan(mr_dir, progress=False, n_workers=0)
+    assert list(c.items.file) == list(ref.file[ref.ok]) and len(c) == 140
+    assert list(c.items.file) != sorted(c.items.file)  # not name order: the slices were reordered with the rows
+    for i in (0, 17, 70, 139):
+        np.testing.assert_allclose(c[i].numpy(), read_slice(c.items.file[i], size=32), atol=1 / 65535)
+    assert (c.items['index'] == np.arange(140)).all()
+
+def test_source_files_survive_a_symlink_loop(mr_dir, tmp_path):
+    src = tmp_path/'src'
+    shutil.copytree(mr_dir/'HFP', src/'a')
+    (src/'a'/'loop').symlink_to(src, target_is_directory=True)
+    (src/'.hidden.dcm').write_bytes(b'x'); (src/'report.csv').write_text('x')
+    files = source_files(src)
+    assert len(files) == 35 and all(f.suffix == '.dcm' and 'loop' not in str(f) for f in files)
+
+def test_png_folder_splits_by_file(mr_dir, cache_dir, tmp_path):
+    # PNG slices carry no patient: each file is its own group, so a split leaves both sides non-empty
+    from medgan_fastai.convert import convert_folder
+    png = tmp_path/'png'
+    convert_folder(mr_dir/'HFS', png, fmt='png', bits=8, window='auto', progress=False)
+    dls = gan_dls(png, size=32, bs=4, valid_pct=0.25, cache_dir=cache_dir, progress=False, skip_blank=False, verbose=False)
+    assert len(dls.valid_ds) == round(0.25 * 35) and len(dls.train_ds) == 35 - len(dls.valid_ds)
+
 def test_cache_second_run_reads_no_dicom(mr_dir, cache_dir, monkeypatch):
-    import pydicom.pixels
+    import builtins, pydicom.pixels, medgan_fastai.dicom as mdicom, medgan_fastai.data as mdata
     calls = []
-    def counting(f):
+    def counting(f, name):
         def wrapped(*a, **k):
-            calls.append(f.__name__)
+            calls.append(name)
             return f(*a, **k)
         return wrapped
-    # every way the library reads DICOM: full reads (scan, fallbacks) and the fast pixel path of `dicom_slice`
-    monkeypatch.setattr(pydicom, 'dcmread', counting(pydicom.dcmread))
-    monkeypatch.setattr(pydicom.pixels, 'pixel_array', counting(pydicom.pixels.pixel_array))
-    # 35 files: decoded in this process, so the counter sees the first run's reads
+    # every way the library reads DICOM: pydicom's full reads (scan, fallbacks), its pixel path, our native reader
+    monkeypatch.setattr(pydicom, 'dcmread', counting(pydicom.dcmread, 'dcmread'))
+    monkeypatch.setattr(pydicom.pixels, 'pixel_array', counting(pydicom.pixels.pixel_array, 'pixel_array'))
+    for m in (mdicom, mdata): monkeypatch.setattr(m, 'read_native', counting(mdicom.read_native, 'read_native'))
+    # and below all of them, any opening of a source file
+    real_open = builtins.open
+    def opening(file, *a, **k):
+        if isinstance(file, (str, os.PathLike)) and str(mr_dir) in os.path.abspath(file): calls.append('open')
+        return real_open(file, *a, **k)
+    monkeypatch.setattr(builtins, 'open', opening)
+    # 35 files: decoded in this process, so the counters see the first run's reads
     first = gan_dls(mr_dir/'HFP', size=32, bs=8, cache_dir=cache_dir, progress=False, verbose=False)
-    assert calls.count('dcmread') >= 35 and calls.count('pixel_array') >= 35
+    assert calls.count('read_native') + calls.count('dcmread') >= 35 and calls.count('open') >= 35
     calls.clear()
     second = gan_dls(mr_dir/'HFP', size=32, bs=8, cache_dir=cache_dir, progress=False, verbose=False)
     assert calls == []

@@ -145,6 +145,15 @@ def test_dicom_slice_resizes_by_area():
     np.testing.assert_allclose(small, full.reshape(32, 4, 32, 4).mean((1, 3)), atol=1e-5)
     assert dicom_slice(path, size=(20, 40)).shape == (20, 40)
 
+def test_block_mean_resize_equals_pil_box():
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for (h, w), out in [((256, 256), 64), ((512, 512), 64), ((256, 512), (32, 64)), ((96, 96), 32), ((100, 100), 64)]:
+        x = rng.uniform(0, 1, (h, w)).astype(np.float32)
+        size = (out, out) if isinstance(out, int) else out
+        box = np.asarray(Image.fromarray(x).resize(size[::-1], Image.Resampling.BOX), np.float32)
+        np.testing.assert_allclose(resize_slice(x, out), box, atol=1e-6)
+
 def test_file_voi_lut_table():
     img = dicom_slice(data('vlut_04.dcm'), window='file')
     assert img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1 and img.std() > 0.05
