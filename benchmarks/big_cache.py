@@ -26,7 +26,7 @@ def _replicate(n:int, dst:Path)->int:
 
 def _run_one(n:int, size:int, workers:int|None, tmp:Path)->dict:
     "Worker mode: build (timed), reopen (timed) and blank-test (timed) a cache of `n` slices; print JSON"
-    from medgan_fastai.data import prepare, blank_mask
+    from medgan_fastai.slices import prepare, blank_mask
     src,cache_dir = tmp/'src', tmp/'cache'
     t = time.perf_counter(); _replicate(n, src); t_link = time.perf_counter() - t
     t = time.perf_counter(); cache = prepare(src, size=size, cache_dir=cache_dir, n_workers=workers, progress=False)

@@ -50,7 +50,8 @@ def main():
     ap.add_argument('--repeats', type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    from medgan_fastai.data import gan_dls, prepare
+    from medgan_fastai.data import gan_dls
+    from medgan_fastai.slices import prepare
     from medgan_fastai.learner import gan_learner
     tmp = Path(tempfile.mkdtemp(prefix='medgan_bench_'))
     try:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np, pydicom
 from PIL import Image
 from fastcore.parallel import parallel
-from medgan_fastai.dicom import scan, dicom_slice, load_dicom, window_image, resize_slice, WINDOWS, _scan_chunk
+from medgan_fastai.dicom import dicom_slice, load_dicom, window_image, resize_slice, WINDOWS
+from medgan_fastai.series import scan, _scan_chunk
 
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'/'data'
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000

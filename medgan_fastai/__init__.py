@@ -6,8 +6,10 @@ import warnings as _warnings
 _warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 
 from .dicom import *
+from .series import *
 from .models import *
 from .convert import *
+from .slices import *
 from .data import *
 from .style import *
 from .augment import *

@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTA
 from pydicom.valuerep import format_number_as_ds
 from . import __version__
 from .dicom import *
+from .series import *
 
 # %% auto #0
 __all__ = ['REPORT_COLUMNS', 'TEMPLATE_TAGS', 'write_atomic', 'save_slice', 'convert_folder', 'dicom_series_datasets',

@@ -7,9 +7,7 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/dicom.html.md"""
 # %% ../nbs/00_dicom.ipynb #c9a93d8e
 from __future__ import annotations
 import os, struct, warnings
-from pathlib import Path
 import numpy as np
-import pandas as pd
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -17,10 +15,9 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_color_lut
 from pydicom.pixels.utils import get_expected_length
 
 # %% auto #0
-__all__ = ['WINDOWS', 'LUMINANCE', 'NATIVE_TAGS', 'SCAN_COLUMNS', 'DicomError', 'window_image', 'auto_window', 'read_dicom',
-           'pixel_problem', 'n_frames', 'load_dicom', 'NativeDicom', 'read_native', 'file_window', 'resolve_window',
-           'resize_slice', 'dicom_slice', 'blank_fraction', 'is_blank', 'slice_position', 'scan_file', 'sort_slices',
-           'scan', 'scan_table']
+__all__ = ['WINDOWS', 'LUMINANCE', 'NATIVE_TAGS', 'DicomError', 'window_image', 'auto_window', 'read_dicom', 'pixel_problem',
+           'n_frames', 'load_dicom', 'NativeDicom', 'read_native', 'file_window', 'resolve_window', 'resize_slice',
+           'dicom_slice', 'blank_fraction', 'is_blank']
 
 # %% ../nbs/00_dicom.ipynb #c9c3648a
 class DicomError(Exception):
@@ -480,109 +477,3 @@ def is_blank(img01:np.ndarray, # a windowed slice in [0, 1]
             )->bool:
     "Is `img01` mostly air/background?"
     return blank_fraction(img01, threshold) > max_fraction
-
-# %% ../nbs/00_dicom.ipynb #a7b9ac09
-def slice_position(ipp, # ImagePositionPatient (x, y, z) of the slice's first pixel
-                   iop, # ImageOrientationPatient: row and column direction cosines (6 values)
-                  )->float: # mm along the slice normal, NaN when either is missing
-    "Position of a slice along its normal: ImagePositionPatient projected on row x column"
-    try:
-        (x,y,z),(a,b,c,d,e,f) = [float(v) for v in ipp],[float(v) for v in iop]  # plain floats: numpy costs 50 us a call here
-    except (TypeError, ValueError): return float('nan')
-    return x * (b * f - c * e) + y * (c * d - a * f) + z * (a * e - b * d)
-
-# %% ../nbs/00_dicom.ipynb #b12e4323
-SCAN_COLUMNS = ['file', 'frame', 'frames', 'sop_class', 'modality', 'series_uid', 'study_uid', 'patient', 'instance',
-                'position', 'rows', 'cols', 'photometric', 'window_center', 'window_width', 'transfer_syntax',
-                'size', 'mtime', 'ok', 'reason']
-
-def _text(ds, keyword):
-    v = ds.get(keyword, '') if ds is not None else ''
-    return str(v).strip() if v is not None else ''
-
-def _int(ds, keyword, default=0):
-    try: return int(ds.get(keyword)) if ds is not None and ds.get(keyword) not in (None, '') else default
-    except (TypeError, ValueError): return default
-
-def scan_file(path, # a file
-              dataset=None, # its `Dataset` or `NativeDicom`, when the caller has read it
-             )->list: # one dict per frame (per file when it is not an image)
-    "Header rows of one file for `scan`: never raises, problems go to `ok`/`reason`"
-    path = str(path)
-    try: st = os.stat(path); size,mtime = st.st_size,st.st_mtime
-    except OSError: size,mtime = 0,float('nan')
-    row = dict(file=path, frame=0, frames=1, size=size, mtime=mtime, ok=False, reason='')
-    # a plain file's header costs a fifth of pydicom's parse through `read_native`; pydicom reads the rest
-    ds = dataset if dataset is not None else read_native(path, pixels=False)
-    try:
-        if ds is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                ds = read_dicom(path, defer_size=4096)
-        if isinstance(ds, Dataset): row['reason'] = pixel_problem(ds)
-    except DicomError as e: return [{**row, 'reason': e.reason}]
-    except Exception as e: return [{**row, 'reason': f'unreadable header ({type(e).__name__}: {e})'}]
-    meta = getattr(ds, 'file_meta', None) or {}
-    row.update(sop_class=_text(ds, 'SOPClassUID') or _text(meta, 'MediaStorageSOPClassUID'),
-               modality=_text(ds, 'Modality'), series_uid=_text(ds, 'SeriesInstanceUID'),
-               study_uid=_text(ds, 'StudyInstanceUID'), patient=_text(ds, 'PatientID'),
-               instance=_int(ds, 'InstanceNumber', None), rows=_int(ds, 'Rows'), cols=_int(ds, 'Columns'),
-               photometric=_text(ds, 'PhotometricInterpretation'), transfer_syntax=_text(meta, 'TransferSyntaxUID'),
-               ok=row['reason'] == '')
-    n = n_frames(ds) if row['ok'] else 1
-    rows = []
-    for i in range(n):
-        pos = _frame_group(ds, i, 'PlanePositionSequence') if n > 1 else None
-        ori = _frame_group(ds, i, 'PlaneOrientationSequence') if n > 1 else None
-        ipp = (pos or ds).get('ImagePositionPatient')
-        iop = (ori or ds).get('ImageOrientationPatient')
-        c,w = file_window(ds, i)
-        rows.append({**row, 'frame': i, 'frames': n, 'position': slice_position(ipp, iop) if n == 1 or pos is not None else float('nan'),
-                     'window_center': c, 'window_width': w})
-    return rows
-
-def _scan_chunk(paths): return [r for p in paths for r in scan_file(p)]
-
-# %% ../nbs/00_dicom.ipynb #3fcde39b
-def sort_slices(df:pd.DataFrame, # rows from `scan`
-               )->pd.DataFrame: # the same rows, in anatomical order within each series
-    "Order `df` by series, then position along the slice normal (ties and NaN: InstanceNumber, file name, frame)"
-    keys = [k for k in ('series_uid', 'position', 'instance', 'file', 'frame') if k in df.columns]
-    return df.sort_values(keys, kind='stable', na_position='last').reset_index(drop=True)
-
-def _dicom_candidates(source, recursive):
-    "Files named by `source`: a folder (recursively), a file, or a list of files"
-    if isinstance(source, (str, os.PathLike)):
-        p = Path(source)
-        if p.is_dir():
-            files = p.rglob('*') if recursive else p.iterdir()
-            return sorted(str(f) for f in files if f.is_file() and not f.name.startswith('.'))
-        return [str(p)]
-    return [str(f) for f in source]
-
-def scan(source, # a folder, a file, or a list of files
-         recursive:bool=True, # look into sub-folders
-         n_workers:int|None=None, # worker processes (default: CPU count; 0 reads in this process)
-         progress:bool=True, # show a progress bar
-        )->pd.DataFrame: # one row per slice (per frame of multi-frame files), in `sort_slices` order
-    "Index the DICOM files under `source` from their headers, in parallel: one row per slice, bad files flagged"
-    from fastcore.parallel import parallel
-    files = _dicom_candidates(source, recursive)
-    if n_workers is None: n_workers = os.cpu_count() or 1
-    if len(files) < 200: n_workers = 0  # a process pool costs more than it saves on a small folder
-    chunks = [files[i:i+64] for i in range(0, len(files), 64)]
-    res = parallel(_scan_chunk, chunks, n_workers=n_workers, progress=progress and len(chunks) > 1, chunksize=1)
-    return scan_table([r for rs in res for r in rs])
-
-def scan_table(rows:list, # dicts from `scan_file`
-              )->pd.DataFrame: # typed columns, in `sort_slices` order
-    "`scan`'s table of the rows `scan_file` gave"
-    df = pd.DataFrame(rows)
-    df = df.reindex(columns=SCAN_COLUMNS + [c for c in df.columns if c not in SCAN_COLUMNS])  # extra keys stay, after
-    for k in ('frame', 'frames', 'rows', 'cols', 'size'): df[k] = df[k].fillna(0).astype(int)
-    df['instance'] = df['instance'].astype('Int64')
-    for k in ('position', 'window_center', 'window_width', 'mtime'): df[k] = df[k].astype(float)
-    for k in ('sop_class', 'modality', 'series_uid', 'study_uid', 'patient', 'photometric', 'transfer_syntax', 'reason'):
-        df[k] = ['' if v is None or v != v else str(v) for v in df[k]]  # NaN (a column no row has) -> ''
-    df['ok'] = df['ok'].astype(bool)
-    return sort_slices(df)

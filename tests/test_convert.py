@@ -5,6 +5,7 @@ import numpy as np, pandas as pd, pytest, pydicom
 from PIL import Image
 from pydicom.data import get_testdata_file
 from medgan_fastai.dicom import *
+from medgan_fastai.series import *
 from medgan_fastai.convert import *
 from medgan_fastai.cli import main
 

@@ -3,7 +3,8 @@ import os, shutil
 from pathlib import Path
 import numpy as np, pydicom, pytest, torch
 from medgan_fastai.data import *
-from medgan_fastai.dicom import scan
+from medgan_fastai.slices import *
+from medgan_fastai.series import scan
 
 @pytest.fixture
 def cache_dir(tmp_path): return tmp_path/'cache'
@@ -87,7 +88,7 @@ def test_png_folder_splits_by_file(mr_dir, cache_dir, tmp_path):
     assert len(dls.valid_ds) == round(0.25 * 35) and len(dls.train_ds) == 35 - len(dls.valid_ds)
 
 def test_cache_second_run_reads_no_dicom(mr_dir, cache_dir, monkeypatch):
-    import builtins, pydicom.pixels, medgan_fastai.dicom as mdicom, medgan_fastai.data as mdata
+    import builtins, importlib, pydicom.pixels, medgan_fastai.dicom as mdicom
     calls = []
     def counting(f, name):
         def wrapped(*a, **k):
@@ -97,7 +98,10 @@ def test_cache_second_run_reads_no_dicom(mr_dir, cache_dir, monkeypatch):
     # every way the library reads DICOM: pydicom's full reads (scan, fallbacks), its pixel path, our native reader
     monkeypatch.setattr(pydicom, 'dcmread', counting(pydicom.dcmread, 'dcmread'))
     monkeypatch.setattr(pydicom.pixels, 'pixel_array', counting(pydicom.pixels.pixel_array, 'pixel_array'))
-    for m in (mdicom, mdata): monkeypatch.setattr(m, 'read_native', counting(mdicom.read_native, 'read_native'))
+    native = counting(mdicom.read_native, 'read_native')
+    for name in ('dicom', 'series', 'slices', 'data'):  # every module that holds a reference to it
+        m = importlib.import_module(f'medgan_fastai.{name}')
+        if hasattr(m, 'read_native'): monkeypatch.setattr(m, 'read_native', native)
     # and below all of them, any opening of a source file
     real_open = builtins.open
     def opening(file, *a, **k):
@@ -160,7 +164,7 @@ def test_split_keeps_series_together(mr_dir, cache_dir):
 def test_two_processes_building_the_same_cache_at_once(mr_dir, tmp_path):
     "Parallel notebooks or runs may build one cache together: both must end with the same valid cache"
     import subprocess, sys
-    code = ('import sys; from medgan_fastai.data import prepare; '
+    code = ('import sys; from medgan_fastai.slices import prepare; '
             'c = prepare(sys.argv[1], size=32, cache_dir=sys.argv[2], progress=False, n_workers=0); print(c.folder, len(c))')
     ps = [subprocess.Popen([sys.executable, '-c', code, str(mr_dir/'HFS'), str(tmp_path/'cache')], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True) for _ in range(2)]

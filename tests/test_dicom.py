@@ -5,6 +5,7 @@ import numpy as np, pandas as pd, pytest, pydicom
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut, apply_windowing
 from medgan_fastai.dicom import *
+from medgan_fastai.series import *
 
 TEST_FILES = Path(get_testdata_file('CT_small.dcm')).parent
 DATA_STORE = Path(get_testdata_file('emri_small.dcm')).parent  # the pydicom-data package

@@ -7,6 +7,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from medgan_fastai.dicom import *
 from medgan_fastai.dicom import NATIVE_TAGS
+from medgan_fastai.series import scan_file
 
 TEST_FILES = Path(get_testdata_file('CT_small.dcm')).parent
 DATA_STORE = Path(get_testdata_file('emri_small.dcm')).parent  # the pydicom-data package

@@ -3,7 +3,8 @@ import json, os, subprocess, sys, warnings, zlib
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
-from medgan_fastai.data import gan_dls, prepare, SliceCache, blank_mask, file_crc32, _split_idxs
+from medgan_fastai.slices import prepare, SliceCache, blank_mask, file_crc32
+from medgan_fastai.data import gan_dls, _split_idxs
 from medgan_fastai.models import DCGANGenerator, DCGANCritic
 from medgan_fastai.style import StyleGenerator, StyleCritic
 from medgan_fastai.learner import gan_learner, export_generator, load_generator, GANMixedPrecision, resolve_precision
@@ -112,7 +113,7 @@ def test_label_from_dicom_tag_with_mapping(mr_dir, tmp_path):
     assert set(Path(f).parent.name for f in dls.items.file) == {'HFS', 'HFP'}  # the unmapped positions are left out
 
 def test_label_from_dataframe_column(mr_dir, tmp_path):
-    from medgan_fastai.dicom import scan
+    from medgan_fastai.series import scan
     df = scan(mr_dir, progress=False)
     df['view'] = ['left' if 'HFDL' in f else 'right' if 'HFDR' in f else '' for f in df.file]
     dls = gan_dls(df, size=32, bs=8, z_dim=16, label='view', cache_dir=tmp_path, progress=False, verbose=False)
@@ -125,7 +126,7 @@ def test_label_from_dataframe_column(mr_dir, tmp_path):
 # --- large data ------------------------------------------------------------------------------------------------
 
 def test_cache_streams_and_checks(mr_dir, tmp_path):
-    from medgan_fastai.dicom import scan
+    from medgan_fastai.series import scan
     items = scan(mr_dir, progress=False)
     items = pd.concat([items] * 3, ignore_index=True)  # 420 slices: the worker path with bounded submission
     cache = SliceCache.build(items[['file', 'frame']], tmp_path/'c', size=32, n_workers=2, progress=False)
@@ -139,7 +140,7 @@ def test_cache_streams_and_checks(mr_dir, tmp_path):
     assert not SliceCache.is_valid(tmp_path/'c')
 
 def test_split_by_patient_keeps_patients_apart(mr_dir, ct_dir, tmp_path):
-    from medgan_fastai.dicom import scan
+    from medgan_fastai.series import scan
     items = pd.concat([scan(mr_dir, progress=False), scan(ct_dir, progress=False)], ignore_index=True)
     assert items.patient.nunique() >= 2
     val = set(_split_idxs(items, 0.3, 'patient', 0))
