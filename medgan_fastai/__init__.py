@@ -17,4 +17,5 @@ from .callbacks import *
 from .learner import *
 from .distributed import *
 from .metrics import *
+from .scoring import *
 from .latent import *

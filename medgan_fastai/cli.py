@@ -263,7 +263,7 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
     import json, pandas as pd
     from medgan_fastai.learner import load_generator
     from medgan_fastai.data import gan_dls
-    from medgan_fastai.metrics import evaluate as score
+    from medgan_fastai.scoring import evaluate as score
     from medgan_fastai.convert import write_atomic
     from medgan_fastai import latent
     names = [m.strip() for m in metrics.split(',') if m.strip()]

@@ -1,4 +1,4 @@
-"Tests for `medgan_fastai.metrics` on real MR slices (../shared/data/mr-t1-sag) and fastai's own GAN pieces."
+"Tests for `medgan_fastai.metrics` and `medgan_fastai.scoring` on real MR slices (../shared/data/mr-t1-sag) and fastai's own GAN pieces."
 import copy, json, math, socket, threading, time
 import numpy as np
 import pytest
@@ -6,10 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from medgan_fastai.dicom import load_dicom, read_dicom
-import medgan_fastai.metrics as M
+import medgan_fastai.scoring as M
 from medgan_fastai.metrics import (swd, msssim_diversity, msssim_setting, precision_recall, image_features, memorisation_audit,
-                                   inception_metrics, inception_weights_file, InceptionWeightsError, INCEPTION_URL, evaluate,
-                                   metric_keys, MetricsCallback, image_batch)
+                                   image_batch)
+from medgan_fastai.scoring import (inception_metrics, inception_weights_file, InceptionWeightsError, INCEPTION_URL, evaluate,
+                                   metric_keys, MetricsCallback)
 
 def _slice64(path):
     "A DICOM slice scaled to [-1, 1] by its 0.5/99.5 percentiles and resized to 64 px"
