@@ -336,12 +336,13 @@ def _parse_native(buf, size):
     if ts not in (_EXPLICIT_LE, _IMPLICIT_LE): raise _NotNative(f'transfer syntax {ts}')
     h = NativeDicom(file_meta=meta)
     h['_pixel_at'] = _walk(buf, pos, ts == _IMPLICIT_LE, h)
-    for k in ('Rows', 'Columns', 'BitsAllocated', 'SamplesPerPixel', 'PhotometricInterpretation'):
-        if k not in h: raise _NotNative(f'no {k}')
+    # the Image Pixel module's type 1 elements: without one of them pydicom decides (and says what is wrong)
+    for k in ('Rows', 'Columns', 'BitsAllocated', 'BitsStored', 'PixelRepresentation', 'SamplesPerPixel', 'PhotometricInterpretation'):
+        if k not in h or h[k] in ('', 0) and k in ('Rows', 'Columns', 'BitsAllocated', 'BitsStored', 'SamplesPerPixel'): raise _NotNative(f'no {k}')
     if h.get('NumberOfFrames') not in (None, '', 1) or h['SamplesPerPixel'] != 1: raise _NotNative('several frames or samples')
     if h['PhotometricInterpretation'] not in ('MONOCHROME1', 'MONOCHROME2'): raise _NotNative('not monochrome')
     if ('RescaleSlope' in h) != ('RescaleIntercept' in h): raise _NotNative('half a rescale')
-    if (h['BitsAllocated'], h.get('PixelRepresentation', 0)) not in _DTYPES: raise _NotNative('bit depth')
+    if (h['BitsAllocated'], h['PixelRepresentation']) not in _DTYPES or h['BitsStored'] > h['BitsAllocated']: raise _NotNative('bit depth')
     need = h['Rows'] * h['Columns'] * h['BitsAllocated'] // 8
     if h['_pixel_bytes'] < need or h['_pixel_at'] + need > size: raise _NotNative('truncated pixel data')
     return h
@@ -360,13 +361,13 @@ def read_native(path, # a DICOM file
                 if size > _WHOLE_FILE_LIMIT: return None
                 f.seek(0); buf = f.read(); h = _parse_native(buf, size)
             if pixels:
-                dt,count = _DTYPES[h['BitsAllocated'], h.get('PixelRepresentation', 0)],h['Rows'] * h['Columns']
+                dt,count = _DTYPES[h['BitsAllocated'], h['PixelRepresentation']],h['Rows'] * h['Columns']
                 if len(buf) >= h['_pixel_at'] + count * np.dtype(dt).itemsize:
                     arr = np.frombuffer(buf, dt, count, h['_pixel_at']).copy()
                 else:
                     arr = np.empty(count, dt); f.seek(h['_pixel_at']); f.readinto(arr)
                 # as pydicom: bits above BitsStored are not part of the value (sign-extended when signed)
-                shift = h['BitsAllocated'] - h.get('BitsStored', h['BitsAllocated'])
+                shift = h['BitsAllocated'] - h['BitsStored']
                 if shift > 0: np.right_shift(np.left_shift(arr, shift, out=arr), shift, out=arr)
                 h.pixels = arr.reshape(h['Rows'], h['Columns'])
         h.filename = str(path)

@@ -98,10 +98,13 @@ def test_variants_read_natively_or_refused(tmp_path):
     def accented_id(ds): ds.SpecificCharacterSet = 'ISO_IR 100'; ds.PatientID = 'Müller'
     def wrong_vr(ds): ds['Rows'].VR = 'UL'
     def half_rescale(ds): del ds.RescaleSlope
+    def no_pixel_representation(ds): del ds.PixelRepresentation
     for change in (modality_lut, two_frames, accented_id, wrong_vr, half_rescale):
         f = _variant(tmp_path, change.__name__, change)
         assert read_native(f) is None, change.__name__
         assert dicom_slice(f).shape == (128, 128) and scan_file(f)[0]['ok'], change.__name__  # pydicom reads them
+    f = _variant(tmp_path, 'no_pixel_representation', no_pixel_representation)
+    assert read_native(f) is None  # a type 1 element missing: pydicom's reading (and its error) decides
 
 def test_cut_and_corrupted_files_never_raise(tmp_path):
     src = get_testdata_file('CT_small.dcm')
