@@ -6,7 +6,7 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/distributed.html.md"""
 
 # %% ../nbs/06b_distributed.ipynb #2afca3c9
 from __future__ import annotations
-import contextlib, os
+import atexit, contextlib, os
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -29,6 +29,9 @@ def init_distributed(backend:str|None=None, # 'nccl' or 'gloo' (default: NCCL wh
         backend = backend or ('nccl' if torch.cuda.is_available() else 'gloo')
         if backend == 'nccl': torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
         dist.init_process_group(backend, init_method='env://')
+        # a process group still open when the interpreter exits can abort the process (gloo's threads are torn down
+        # under it: 'terminate called without an active exception'): close it first
+        atexit.register(teardown_distrib)
     return dist.get_rank()
 
 def on_rank0_first(func, *args, **kwargs):
