@@ -125,16 +125,23 @@ class ADACallback(Callback):
                  p_max:float=1.): # upper bound of `p`
         self.target,self.interval,self.kimg_to_full,self.p_max = target,interval,kimg_to_full,p_max
         self.history = []  # (iteration, p, r_t) after each adjustment
+        self._reset()
 
     def before_fit(self):
         critic = getattr(self.learn.model, 'critic', None)
         self.augment = getattr(critic, 'augment', None)
         if self.augment is None or not hasattr(self.augment, 'p'):
             raise AttributeError("ADACallback needs `learn.model.critic` to be an `AugmentedCritic` (with `.augment.p`)")
-        self._reset()
-        self.learn.aug_p = self.augment.p
+        self.learn.aug_p = self.augment.p  # the counts carry on from the last fit (or checkpoint), as in one long run
 
     def _reset(self): self.n_updates,self.sign_sum,self.n_images = 0,0.,0
+
+    # `GANCheckpoint` saves these (p itself is in the critic's state): a resume inside an interval is exact
+    def checkpoint_state(self): return dict(n_updates=self.n_updates, sign_sum=self.sign_sum, n_images=self.n_images,
+                                            history=[list(h) for h in self.history])
+    def load_checkpoint_state(self, d):
+        self.n_updates,self.sign_sum,self.n_images = int(d['n_updates']),float(d['sign_sum']),int(d['n_images'])
+        self.history = [tuple(h) for h in d['history']]
 
     def after_batch(self):
         logits = getattr(self.learn, 'real_logits', None)
@@ -151,5 +158,7 @@ class ADACallback(Callback):
         step = self.n_images / (self.kimg_to_full * 1000)
         p = self.augment.p + (step if r_t > self.target else -step)
         self.augment.p = float(min(max(p, 0.), self.p_max))
-        self.history.append((getattr(self.learn, 'train_iter', len(self.history)), self.augment.p, r_t))
+        # the learner's critic-update count runs on across fits and resumes; fastai's `train_iter` restarts with each fit
+        it = getattr(self.learn, 'crit_steps', None)
+        self.history.append((getattr(self.learn, 'train_iter', len(self.history)) if it is None else it, self.augment.p, r_t))
         self._reset()

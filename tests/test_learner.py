@@ -82,3 +82,21 @@ def test_style_gan_with_ada_short_run(mr32, tmp_path):
     assert learn.model.critic.augment.p == df.aug_p.iloc[-1]
     ema, g = learn.ema_generator, learn.model.generator
     assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), g.parameters()))
+
+def test_resume_mid_ada_interval_is_exact(mr32, tmp_path):
+    "4 batches an epoch, an ADA interval of 3: the checkpoint falls inside an interval and must carry its counts"
+    from medgan_fastai.augment import ADACallback
+    def make(path):
+        learn = gan_learner(mr32, arch='dcgan', seed=0, path=path, cbs=[GANCheckpoint()])
+        ada = next(c for c in learn.cbs if isinstance(c, ADACallback))
+        ada.interval, ada.target, ada.kimg_to_full = 3, -1., 0.5  # p rises by ~0.2 at every adjustment
+        return learn, ada
+    a, ada_a = make(tmp_path/'a')
+    a.fit(3)
+    b, ada_b = make(tmp_path/'b')
+    assert load_checkpoint(b, tmp_path/'a'/'checkpoints'/'epoch_002.pth') == 2
+    b.fit(3, start_epoch=2)
+    assert len(ada_a.history) == 3 * len(mr32.train) // 3 and ada_a.augment.p > 0.5
+    assert ada_b.history == ada_a.history and ada_b.augment.p == ada_a.augment.p
+    for m in ('generator', 'critic'):
+        assert all(torch.equal(x, y) for x, y in zip(getattr(a.model, m).parameters(), getattr(b.model, m).parameters())), m
