@@ -231,7 +231,9 @@ class MetricsCallback(Callback):
         self._columns = [_EpochValue(self, k) for k in metric_keys(self.metrics, min(self.real.shape[-2:]))]
         self.learn.metrics = list(self.learn.metrics) + self._columns  # before the Recorder (order 50) reads the names
 
-    def after_validate(self):
+    # after the epoch's training, before the Recorder (order 50) logs the epoch: GAN learners mostly have no validation
+    # set, and ours then skips the validation phase, so `after_validate` would never come
+    def after_train(self):
         if not self._fitting: return
         self.values = {}
         if (self.epoch + 1) % self.every: return
@@ -242,6 +244,10 @@ class MetricsCallback(Callback):
     def after_fit(self):
         self._fitting = False
         self.learn.metrics = [m for m in self.learn.metrics if m not in self._columns]
+
+    # `GANCheckpoint` saves the scores so far: a resumed run's chart starts at epoch 1, not at the resume
+    def checkpoint_state(self): return dict(history=[dict(h) for h in self.history])
+    def load_checkpoint_state(self, d): self.history = [dict(h) for h in d['history']]
 
     def plot(self, fname=None, # PNG to write as well
              overwrite:bool=False, # replace an existing `fname`

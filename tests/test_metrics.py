@@ -219,3 +219,22 @@ def test_metrics_callback_sampling_fixed_mode_restored_ema():
     with torch.no_grad():
         for p in learn.ema_generator.parameters(): p.mul_(0.5)
     assert cb.generator is learn.ema_generator and not torch.equal(cb.sample(), a)
+
+def test_metrics_callback_history_survives_a_checkpoint(mr_dir, tmp_path):
+    from medgan_fastai.data import gan_dls
+    from medgan_fastai.learner import gan_learner
+    from medgan_fastai.callbacks import save_checkpoint, load_checkpoint
+    dls = gan_dls(mr_dir/'HFS', size=32, bs=16, cache_dir=tmp_path/'cache', progress=False, verbose=False)
+    def make():
+        cb = MetricsCallback(n=16, metrics=('swd',))
+        return gan_learner(dls, arch='dcgan', seed=0, cbs=[cb]), cb
+    learn, cb = make()
+    learn.fit(2)
+    # our learner has no validation set here: the scores still come, and show in the epoch table
+    assert [h['epoch'] for h in cb.history] == [0, 1] and cb.history[1]['swd'] in learn.recorder.values[1]
+    save_checkpoint(learn, tmp_path/'ck.pth', 2)
+    learn2, cb2 = make()
+    assert load_checkpoint(learn2, tmp_path/'ck.pth') == 2
+    assert cb2.history == cb.history and len(cb2.history) == 2
+    learn2.fit(3, start_epoch=2)  # the resumed run's chart keeps epochs 0 and 1
+    assert [h['epoch'] for h in cb2.history] == [0, 1, 2]
