@@ -12,6 +12,7 @@ import numpy as np, pandas as pd, torch
 from torch import nn
 from PIL import Image
 from fastcore.basics import store_attr
+from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.torch_core import rank_distrib
 from .convert import write_atomic
@@ -271,12 +272,18 @@ def set_rng_state(d:dict, learn=None):
 def _tuplify(x): return tuple(_tuplify(o) for o in x) if isinstance(x, (list, tuple)) else x
 
 # %% ../nbs/05_callbacks.ipynb #229a1f68
+def _plain(x):
+    "fastcore `L`s (in a fastai optimiser's state) as lists: `weights_only` loading accepts only plain containers"
+    if isinstance(x, (L, list, tuple)): return [_plain(o) for o in x] if not isinstance(x, tuple) else tuple(_plain(o) for o in x)
+    if isinstance(x, dict): return {k: _plain(v) for k,v in x.items()}
+    return x
+
 def save_checkpoint(learn, path, epoch:int)->Path:
     "Write a full training checkpoint of `learn` after `epoch` epochs to `path`, atomically"
     m = learn.model
     if learn.opt is None: learn.create_opt()
     state = dict(format=CHECKPOINT_FORMAT, version=1, epoch=int(epoch),
-                 generator=m.generator.state_dict(), critic=m.critic.state_dict(), opt=learn.opt.state_dict(),
+                 generator=m.generator.state_dict(), critic=m.critic.state_dict(), opt=_plain(learn.opt.state_dict()),
                  ema=(learn.ema_generator.state_dict() if getattr(learn, 'ema_generator', None) is not None else None),
                  generator_config=getattr(m.generator, 'config', None), critic_config=getattr(m.critic, 'config', None),
                  vocab=getattr(m.generator, 'vocab', None), # class names of a conditional generator
@@ -308,7 +315,9 @@ def load_checkpoint(learn, path)->int:
         m.critic.load_state_dict(state['critic'])
     except Exception as e: raise CheckpointError(path, f'does not fit this model ({str(e).splitlines()[0][:200]})') from None
     if learn.opt is None: learn.create_opt()
-    learn.opt.load_state_dict(state['opt'])
+    opt = state['opt']
+    if isinstance(opt.get('hypers'), list): opt = {**opt, 'hypers': L(opt['hypers'])}  # a fastai optimiser's, saved plain
+    learn.opt.load_state_dict(opt)
     if state.get('ema') is not None:
         learn.ema_generator = copy.deepcopy(m.generator).eval().requires_grad_(False)
         learn.ema_generator.load_state_dict(state['ema'])

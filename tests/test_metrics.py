@@ -238,3 +238,16 @@ def test_metrics_callback_history_survives_a_checkpoint(mr_dir, tmp_path):
     assert cb2.history == cb.history and len(cb2.history) == 2
     learn2.fit(3, start_epoch=2)  # the resumed run's chart keeps epochs 0 and 1
     assert [h['epoch'] for h in cb2.history] == [0, 1, 2]
+
+def test_checkpoint_of_fastais_own_gan_learner(tmp_path):
+    "GANCheckpoint's files load (weights_only) for fastai's stock GANLearner too, whose optimiser state holds fastcore `L`s"
+    from medgan_fastai.callbacks import save_checkpoint, load_checkpoint
+    learn = _tiny_gan([])
+    learn.fit(1, 1e-4)
+    save_checkpoint(learn, tmp_path/'ck.pth', 1)
+    learn2 = _tiny_gan([])
+    assert load_checkpoint(learn2, tmp_path/'ck.pth') == 1
+    assert all(torch.equal(a, b) for a, b in zip(learn.model.parameters(), learn2.model.parameters()))
+    s1, s2 = learn.opt.state_dict(), learn2.opt.state_dict()
+    assert list(s1['hypers']) == list(s2['hypers']) and type(s2['hypers']) is type(s1['hypers'])
+    learn2.fit(1, 1e-4)  # and training goes on from it
