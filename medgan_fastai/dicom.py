@@ -358,7 +358,7 @@ def read_native(path, # a DICOM file
             buf = f.read(_HEAD_BYTES) if not pixels or size > _WHOLE_FILE_LIMIT else f.read()
             try: h = _parse_native(buf, size)
             except _Short:  # a long header (Siemens CSA, an icon): read the file whole
-                if size > _WHOLE_FILE_LIMIT: return None
+                if size > _WHOLE_FILE_LIMIT or len(buf) >= size: return None  # too big, or cut inside its header
                 f.seek(0); buf = f.read(); h = _parse_native(buf, size)
             if pixels:
                 dt,count = _DTYPES[h['BitsAllocated'], h['PixelRepresentation']],h['Rows'] * h['Columns']
