@@ -130,6 +130,8 @@ def _malloc_for_big_buffers():
     try: ctypes.CDLL('libc.so.6').mallopt(-3, 64 * 1024 * 1024)  # M_MMAP_THRESHOLD
     except Exception: pass
 
+_READ_WHOLE_BELOW = 256 * 2**20  # bytes: bigger DICOM files are decoded frame by frame from disk, never held whole
+
 def _u16(x): return np.round(np.clip(x, 0, 1) * 65535).astype(np.uint16)
 
 def _decode_one(file, frame, window, size, channels, tags, ds=None):
@@ -157,9 +159,10 @@ def _scan_decode_chunk(args):
             out.append((dict(file=file, frame=0, frames=1, size=st.st_size, mtime=st.st_mtime, ok=True, reason=''),
                         *_decode_one(file, 0, window, size, channels, tags)))
             continue
-        # a plain file: `read_native` gives header and pixels in one read; others (and labels from tags): pydicom, once
+        # a plain file: `read_native` gives header and pixels in one read; others (and labels from tags): pydicom, once;
+        # a file too big to hold (a long clip) is read a frame at a time instead
         ds = None if tags else read_native(file)
-        if ds is None:
+        if ds is None and os.path.getsize(file) <= _READ_WHOLE_BELOW:
             try: ds = read_dicom(file)
             except DicomError: ds = None  # `scan_file` says why
         for row in scan_file(file, dataset=ds):
