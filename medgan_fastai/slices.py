@@ -72,7 +72,7 @@ def read_slice(item, # a DICOM or image file, or a `(file, frame)` pair
                window='auto', # preset name, (center, width), 'file', 'auto', or a list of these (one channel each)
                size:int|None=64, # side of the square output
                channels:int|None=None, # repeat a single window to this many channels (e.g. 3 for RGB-pretrained models)
-               dataset=None, # the DICOM file already read with `read_dicom`, when the caller has it
+               dataset=None, # the DICOM file already read (`read_dicom` or `read_native`), when the caller has it
               )->np.ndarray: # (c, size, size) float32 in [0, 1]
     "One slice ready for a model: read, modality LUT, window(s), resize"
     file,frame = (item if isinstance(item, (tuple, list)) else (item, None))
