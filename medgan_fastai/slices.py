@@ -84,7 +84,10 @@ def read_slice(item, # a DICOM or image file, or a `(file, frame)` pair
     else:
         frame = None if frame is None or pd.isna(frame) else int(frame)
         # one window: `dicom_slice` reads the file its fastest way; several: read once, window each
-        src = dataset if dataset is not None else file if len(ws) == 1 else read_native(file) or read_dicom(file)
+        src = dataset if dataset is not None else file
+        if dataset is None and len(ws) > 1:
+            src = read_native(file)
+            if src is None: src = read_dicom(file)
         chans = [square_slice(dicom_slice(src, frame, window=w), size) for w in ws]
     out = np.stack(chans)
     if channels and out.shape[0] == 1 and channels > 1: out = np.repeat(out, channels, 0)
@@ -137,10 +140,13 @@ def _u16(x): return np.round(np.clip(x, 0, 1) * 65535).astype(np.uint16)
 def _decode_one(file, frame, window, size, channels, tags, ds=None):
     "(uint16 slice or None, reason, labels) of one item; never raises"
     try:
-        # labels from DICOM tags: read the file once, for the tags and the pixels
-        if ds is None and tags and os.path.splitext(file)[1].lower() not in IMAGE_SUFFIXES: ds = read_dicom(file)
+        hdr = ds
+        if ds is None and tags and os.path.splitext(file)[1].lower() not in IMAGE_SUFFIXES:
+            # labels from DICOM tags: one read for the tags and the pixels; a big file: its header, then frame by frame
+            if os.path.getsize(file) <= _READ_WHOLE_BELOW: ds = hdr = read_dicom(file)
+            else: hdr = read_dicom(file, stop_before_pixels=True)
         x = read_slice((file, frame), window, size, channels, dataset=ds)
-        return _u16(x), '', ({t: str(ds.get(t, '')) for t in tags} if tags and ds is not None else {})
+        return _u16(x), '', ({t: str(hdr.get(t, '')) for t in tags} if tags and hdr is not None else {})
     except DicomError as e: return None, e.reason, {}
     except Exception as e: return None, f'{type(e).__name__}: {e}', {}
 

@@ -175,15 +175,20 @@ def test_two_processes_building_the_same_cache_at_once(mr_dir, tmp_path):
     assert not list((tmp_path/'cache'/'slices').glob('.*.tmp'))   # no staging folder left behind
 
 def test_big_files_are_decoded_frame_by_frame(tmp_path, monkeypatch):
-    "A file over the hold-in-memory limit goes frame by frame from disk, with the same slices as the one-read path"
+    "A file over the hold-in-memory limit goes frame by frame from disk, with the same slices (and labels) as the one-read path"
     import medgan_fastai.slices as S
     from pydicom.data import get_testdata_file
     files = [get_testdata_file('emri_small.dcm'), get_testdata_file('emri_small_RLE.dcm'), get_testdata_file('CT_small.dcm')]
     whole = prepare(files, size=32, cache_dir=tmp_path/'a', progress=False, n_workers=0)
+    whole_t = prepare(files, size=32, tags=['Modality'], cache_dir=tmp_path/'a', progress=False, n_workers=0)
     monkeypatch.setattr(S, '_READ_WHOLE_BELOW', 0)
     reads = []
     real = S.read_dicom
-    monkeypatch.setattr(S, 'read_dicom', lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(S, 'read_dicom', lambda *a, **k: reads.append(k.get('stop_before_pixels', False)) or real(*a, **k))
     framed = prepare(files, size=32, cache_dir=tmp_path/'b', progress=False, n_workers=0)
     assert reads == [] and len(whole) == len(framed) == 10 + 10 + 1
     assert list(whole.items.file) == list(framed.items.file) and np.array_equal(np.array(whole.data), np.array(framed.data))
+    framed_t = prepare(files, size=32, tags=['Modality'], cache_dir=tmp_path/'b', progress=False, n_workers=0)
+    assert reads and all(reads)  # labels from headers only: no file read whole
+    assert list(framed_t.items.Modality) == list(whole_t.items.Modality) == ['MR'] * 20 + ['CT']
+    assert np.array_equal(np.array(whole_t.data), np.array(framed_t.data))
