@@ -155,24 +155,30 @@ def _decode_chunk(args):
     items,window,size,channels,tags = args
     return [(None, *_decode_one(file, frame, window, size, channels, tags)) for file,frame in items]
 
+def _scan_decode_file(file, window, size, channels, tags):
+    "[(scan row, slice, reason, labels)] for each slice of one file, from one read of it"
+    if os.path.splitext(file)[1].lower() in IMAGE_SUFFIXES:
+        st = os.stat(file)
+        return [(dict(file=file, frame=0, frames=1, size=st.st_size, mtime=st.st_mtime, ok=True, reason=''),
+                 *_decode_one(file, 0, window, size, channels, tags))]
+    # a plain file: `read_native` gives header and pixels in one read; others (and labels from tags): pydicom, once;
+    # a file too big to hold (a long clip) is read a frame at a time instead
+    ds = None if tags else read_native(file)
+    if ds is None and os.path.getsize(file) <= _READ_WHOLE_BELOW:
+        try: ds = read_dicom(file)
+        except DicomError: ds = None  # `scan_file` says why
+    return [(row, *(_decode_one(file, row['frame'], window, size, channels, tags, ds) if row['ok'] else (None, row['reason'], {})))
+            for row in scan_file(file, dataset=ds)]
+
 def _scan_decode_chunk(args):
-    "Worker: scan and decode a list of files, one read each: [(scan row, slice, reason, labels)] per slice"
+    "Worker: scan and decode a list of files: [(scan row, slice, reason, labels)] per slice; problems become reasons"
     files,window,size,channels,tags = args
     out = []
     for file in files:
-        if os.path.splitext(file)[1].lower() in IMAGE_SUFFIXES:
-            st = os.stat(file)
-            out.append((dict(file=file, frame=0, frames=1, size=st.st_size, mtime=st.st_mtime, ok=True, reason=''),
-                        *_decode_one(file, 0, window, size, channels, tags)))
-            continue
-        # a plain file: `read_native` gives header and pixels in one read; others (and labels from tags): pydicom, once;
-        # a file too big to hold (a long clip) is read a frame at a time instead
-        ds = None if tags else read_native(file)
-        if ds is None and os.path.getsize(file) <= _READ_WHOLE_BELOW:
-            try: ds = read_dicom(file)
-            except DicomError: ds = None  # `scan_file` says why
-        for row in scan_file(file, dataset=ds):
-            out.append((row, *(_decode_one(file, row['frame'], window, size, channels, tags, ds) if row['ok'] else (None, row['reason'], {}))))
+        try: out += _scan_decode_file(file, window, size, channels, tags)
+        except Exception as e:  # e.g. a file deleted since the folder was listed: its row says so, the build goes on
+            why = e.reason if isinstance(e, DicomError) else f'{type(e).__name__}: {e}'
+            out.append((dict(file=file, frame=0, frames=1, ok=False, reason=why), None, why, {}))
     return out
 
 # %% ../nbs/02a_slices.ipynb #0e30f466

@@ -192,3 +192,11 @@ def test_big_files_are_decoded_frame_by_frame(tmp_path, monkeypatch):
     assert reads and all(reads)  # labels from headers only: no file read whole
     assert list(framed_t.items.Modality) == list(whole_t.items.Modality) == ['MR'] * 20 + ['CT']
     assert np.array_equal(np.array(whole_t.data), np.array(framed_t.data))
+
+def test_a_file_gone_before_its_decode_is_a_reason(mr_dir, tmp_path):
+    "Listed, then deleted (or an image that cannot be read): the build records why and goes on"
+    files = sorted((mr_dir/'HFP').glob('*.dcm'))[:5]
+    gone, bad_png = tmp_path/'gone.dcm', tmp_path/'gone.png'
+    c = SliceCache.build([*files, gone, bad_png], tmp_path/'cache', size=32, n_workers=0, progress=False)
+    assert len(c) == 5 and set(c.skipped.file) == {str(gone), str(bad_png)}
+    assert all(r for r in c.skipped.reason)
