@@ -85,14 +85,23 @@ def sort_slices(df:pd.DataFrame, # rows from `scan`
     keys = [k for k in ('series_uid', 'position', 'instance', 'file', 'frame') if k in df.columns]
     return df.sort_values(keys, kind='stable', na_position='last').reset_index(drop=True)
 
+def _walk_files(folder:str, recursive:bool=True, seen:set|None=None):
+    "Files under `folder`, hidden ones skipped (`os.scandir`: no stat for plain files; a symlink loop is walked once)"
+    seen = set() if seen is None else seen
+    st = os.stat(folder)
+    if (st.st_dev, st.st_ino) in seen: return
+    seen.add((st.st_dev, st.st_ino))
+    for e in os.scandir(folder):
+        if e.name.startswith('.'): continue
+        if e.is_dir():
+            if recursive: yield from _walk_files(e.path, recursive, seen)
+        elif e.is_file(): yield e.path
+
 def _dicom_candidates(source, recursive):
     "Files named by `source`: a folder (recursively), a file, or a list of files"
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
-        if p.is_dir():
-            files = p.rglob('*') if recursive else p.iterdir()
-            return sorted(str(f) for f in files if f.is_file() and not f.name.startswith('.'))
-        return [str(p)]
+        return sorted(_walk_files(str(p), recursive)) if p.is_dir() else [str(p)]
     return [str(f) for f in source]
 
 def scan(source, # a folder, a file, or a list of files

@@ -14,6 +14,7 @@ from PIL import Image
 from fastprogress.fastprogress import progress_bar
 from .dicom import *
 from .series import *
+from .series import _walk_files
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'window_title', 'square_slice', 'read_image_slice', 'read_slice', 'default_cache_dir',
@@ -100,24 +101,14 @@ def default_cache_dir()->Path:
 
 _NOT_SLICES = {'.csv', '.json', '.txt', '.md'}
 
-def _walk_files(folder:str, seen:set|None=None):
-    "Files under `folder`, recursively, hidden ones and our reports skipped (`os.scandir`: no stat for plain files)"
-    seen = set() if seen is None else seen
-    st = os.stat(folder)
-    if (st.st_dev, st.st_ino) in seen: return  # a symlink loop
-    seen.add((st.st_dev, st.st_ino))
-    for e in os.scandir(folder):
-        if e.name.startswith('.'): continue
-        if e.is_dir(): yield from _walk_files(e.path, seen)
-        elif e.is_file() and os.path.splitext(e.name)[1].lower() not in _NOT_SLICES and e.name != 'LICENSE': yield e.path
-
 def source_files(source)->list:
     "The candidate files of a folder (recursively), a file, or a list of files; hidden files and our reports skipped"
     if isinstance(source, (list, tuple)): return [Path(p) for p in source]
     p = Path(source)
     if p.is_file(): return [p]
     if not p.is_dir(): raise DicomError(p, 'no such file or folder')
-    return [Path(f) for f in sorted(_walk_files(str(p)))]
+    return [Path(f) for f in sorted(_walk_files(str(p))) if os.path.splitext(f)[1].lower() not in _NOT_SLICES
+            and os.path.basename(f) != 'LICENSE']
 
 def _stat_key(files)->list:
     "(absolute path, size, mtime_ns) of each file: enough to notice any change without reading a byte"
