@@ -16,7 +16,7 @@ from PIL import Image
 os.environ.update(GRADIO_ANALYTICS_ENABLED='False', HF_HUB_OFFLINE='1', HF_HUB_DISABLE_TELEMETRY='1')
 from medgan_fastai.style import StyleGenerator
 from medgan_fastai.models import DCGANGenerator
-from medgan_fastai.learner import save_generator
+from medgan_fastai.persist import save_generator
 from medgan_fastai.app import GeneratorApp
 
 def free_port():

@@ -39,7 +39,7 @@ def child(args):
     with learn.no_bar(), learn.no_logging(): learn.fit(100000, cbs=budget)
     out = Path(args.out)/f'{args.child}.pth'
     export_generator(learn, out)
-    print(json.dumps(dict(steps=getattr(learn, 'crit_steps', 0), epochs=learn.epoch + 1, images=learn.crit_steps * dls.train.bs)))
+    print(json.dumps(dict(steps=learn.gan_state.crit_steps, epochs=learn.epoch + 1, images=learn.gan_state.crit_steps * dls.train.bs)))
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,9 +62,9 @@ def main():
     import torch
     from PIL import Image
     from medgan_fastai.data import gan_dls
-    from medgan_fastai.learner import load_generator
+    from medgan_fastai.persist import load_generator
     from medgan_fastai.latent import generate
-    from medgan_fastai.callbacks import image_grid
+    from medgan_fastai.models import image_grid
     from medgan_fastai.metrics import swd
     torch.set_num_threads(2)
     dls = gan_dls(args.data, size=64, bs=16, cache_dir=args.cache, progress=False, verbose=False)

@@ -118,7 +118,7 @@ class AugmentedCritic(nn.Module):
 # %% ../nbs/04_augment.ipynb #17e8634f
 class ADACallback(Callback):
     "Adjust the augmentation probability `p` of `learn.model.critic.augment` from the sign of the critic's logits on reals (ADA)"
-    order = 5  # after the learner's own callbacks have stored `real_logits`
+    order = 5  # reads `real_logits` in `after_batch` and writes `aug_p` before `LossChart` (order 81) records it
     def __init__(self, target:float=0.6, # the r_t to aim at: above it, more augmentation
                  interval:int=4, # critic updates between adjustments
                  kimg_to_full:float=100, # thousands of real images for `p` to go from 0 to 1
@@ -132,7 +132,9 @@ class ADACallback(Callback):
         self.augment = getattr(critic, 'augment', None)
         if self.augment is None or not hasattr(self.augment, 'p'):
             raise AttributeError("ADACallback needs `learn.model.critic` to be an `AugmentedCritic` (with `.augment.p`)")
-        self.learn.aug_p = self.augment.p  # the counts carry on from the last fit (or checkpoint), as in one long run
+        self.state = getattr(self.learn, 'gan_state', None)
+        if self.state is None: raise AttributeError("ADACallback needs `learn.gan_state` (a `GANState`, as `gan_learner` makes)")
+        self.state.aug_p = self.augment.p  # the counts carry on from the last fit (or checkpoint), as in one long run
 
     def _reset(self): self.n_updates,self.sign_sum,self.n_images = 0,0.,0
 
@@ -144,13 +146,13 @@ class ADACallback(Callback):
         self.history = [tuple(h) for h in d['history']]
 
     def after_batch(self):
-        logits = getattr(self.learn, 'real_logits', None)
+        logits = self.state.real_logits
         if self.training and logits is not None:
             self.n_updates += 1
             self.sign_sum += float(torch.sign(logits.detach()).sum())
             self.n_images += logits.numel()
             if self.n_updates >= self.interval: self.adjust()
-        self.learn.aug_p = self.augment.p
+        self.state.aug_p = self.augment.p
 
     def adjust(self):
         "Move `p` one step towards keeping r_t at the target, from the updates since the last adjustment"
@@ -159,6 +161,6 @@ class ADACallback(Callback):
         p = self.augment.p + (step if r_t > self.target else -step)
         self.augment.p = float(min(max(p, 0.), self.p_max))
         # the learner's critic-update count runs on across fits and resumes; fastai's `train_iter` restarts with each fit
-        it = getattr(self.learn, 'crit_steps', None)
+        it = getattr(self.state, 'crit_steps', None)
         self.history.append((getattr(self.learn, 'train_iter', len(self.history)) if it is None else it, self.augment.p, r_t))
         self._reset()

@@ -6,7 +6,8 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/callbacks.html.md"""
 
 # %% ../nbs/05_callbacks.ipynb #a64e27cc
 from __future__ import annotations
-import copy, random, time
+import copy, time
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
@@ -15,57 +16,52 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.torch_core import rank_distrib
-from .convert import write_atomic
+from .models import sample_images, image_grid
+from .persist import *
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'gen_mode', 'sampling_generator', 'skipped_epoch', 'sample_images', 'image_grid', 'SampleGrid',
-           'LossChart', 'smooth', 'GeneratorEMA', 'CheckpointError', 'rng_state', 'set_rng_state', 'save_checkpoint',
-           'read_checkpoint', 'load_checkpoint', 'GANCheckpoint', 'latest_checkpoint']
+__all__ = ['GANState', 'gan_state', 'gen_mode', 'sampling_generator', 'skipped_epoch', 'SampleGrid', 'LossChart', 'smooth',
+           'GeneratorEMA', 'save_checkpoint', 'load_checkpoint', 'GANCheckpoint']
 
 # %% ../nbs/05_callbacks.ipynb #0951e0a7
+@dataclass
+class GANState:
+    "What the parts of a GAN training run share: each field says who writes it and who reads it"
+    gen_mode:bool=False # the update that just ran trained the generator (learner; loss chart, EMA, fastai's GAN callbacks)
+    labels:torch.Tensor|None=None # the batch's class indices in a conditional run (learner; its own steps)
+    real_logits:torch.Tensor|None=None # critic logits on the batch's reals, None when no critic update ran (learner; ADA)
+    aug_p:float|None=None # the critic's augmentation probability after the batch (ADA; loss chart)
+    ema:nn.Module|None=None # the moving average of the generator (`GeneratorEMA`; samples, metrics, export)
+    crit_steps:int=0 # critic updates so far, counted across fits and resumes (learner; ADA's history)
+    gen_steps:int=0 # generator updates so far (learner)
+    pl_mean:float=0. # running mean of a style generator's path lengths (learner's path-length penalty)
+
+    def checkpoint_state(self)->dict:
+        "The counters a checkpoint keeps (the EMA generator is saved as weights beside them)"
+        return dict(crit_steps=self.crit_steps, gen_steps=self.gen_steps, pl_mean=float(self.pl_mean))
+    def load_checkpoint_state(self, d:dict):
+        self.crit_steps,self.gen_steps,self.pl_mean = int(d.get('crit_steps', 0)),int(d.get('gen_steps', 0)),float(d.get('pl_mean', 0.))
+
+# %% ../nbs/05_callbacks.ipynb #f5ae9379
+def gan_state(learn)->GANState:
+    "The `GANState` of `learn`; fastai's own `GANLearner` gets one on first use"
+    st = getattr(learn, 'gan_state', None)
+    if st is None: st = learn.gan_state = GANState()
+    return st
+
 def gen_mode(learn)->bool:
-    "Whether the step that just ran trained the generator (our learner or fastai's `GANTrainer`)"
-    if hasattr(learn, 'gen_mode'): return bool(learn.gen_mode)
+    "Whether the update that just ran trained the generator (our learner or fastai's `GANTrainer`)"
     return bool(learn.gan_trainer.gen_mode)
 
 def sampling_generator(learn)->nn.Module:
     "The generator to sample from: the EMA copy when there is one, else the trained one"
-    ema = getattr(learn, 'ema_generator', None)
+    ema = gan_state(learn).ema
     return ema if ema is not None else learn.model.generator
 
 def skipped_epoch(learn)->bool:
     "True for the epochs `fit(..., start_epoch=k)` skips when resuming: they must write nothing"
     s = getattr(learn, 'skip_to_epoch', None)
     return s is not None and learn.epoch < s._skip_to
-
-# %% ../nbs/05_callbacks.ipynb #a2f3ebae
-@torch.no_grad()
-def sample_images(generator:nn.Module, # any generator taking `(n, z_dim)` noise
-                  noise:torch.Tensor, # the latent vectors
-                  bs:int=64, # generate in chunks of this size
-                  labels:torch.Tensor|None=None, # `(n,)` class indices, for a conditional generator
-                 )->torch.Tensor: # `(n, c, h, w)` in [-1, 1], on the CPU
-    "Generate images for `noise` (and `labels`) in eval mode without touching the global RNG state"
-    dev = next(generator.parameters()).device
-    was_training = generator.training
-    devices = [dev] if dev.type == 'cuda' else []
-    kw = lambda i: {} if labels is None else dict(labels=torch.as_tensor(labels)[i:i+bs].to(dev))
-    with torch.random.fork_rng(devices=devices):
-        generator.eval()
-        try: out = torch.cat([generator(noise[i:i+bs].to(dev), **kw(i)).float().cpu() for i in range(0, len(noise), bs)])
-        finally: generator.train(was_training)
-    return out
-
-def image_grid(images:torch.Tensor, # `(n, c, h, w)` in [-1, 1]
-               nrow:int=8, # images per row
-               padding:int=2,
-              )->Image.Image:
-    "A grid of images as a PIL image (grayscale for one channel)"
-    from torchvision.utils import make_grid
-    x = ((images.clamp(-1, 1) + 1) / 2)
-    g = make_grid(x, nrow=nrow, padding=padding, pad_value=0.)
-    a = (g.mul(255).round().byte().permute(1, 2, 0).numpy())
-    return Image.fromarray(a[..., 0] if images.shape[1] == 1 else a)
 
 # %% ../nbs/05_callbacks.ipynb #93a7cb1d
 class SampleGrid(Callback):
@@ -107,7 +103,7 @@ class SampleGrid(Callback):
 
     def after_fit(self):
         if not self.gif or rank_distrib(): return
-        frames = sorted(self.dir.glob('epoch_*.png'))
+        frames = sorted(self.dir.glob('epoch_*.png'), key=lambda f: int(f.stem.split('_')[1]) if f.stem.split('_')[1].isdigit() else -1)
         if not frames: return
         ims = [Image.open(f).convert('L') for f in frames]
         write_atomic(self.dir/self.gif, lambda p: ims[0].save(p, format='GIF', save_all=True, append_images=ims[1:],
@@ -144,7 +140,7 @@ class LossChart(Callback):
 
     def after_batch(self):
         if self._row is None: return
-        p = getattr(self.learn, 'aug_p', None)
+        p = gan_state(self.learn).aug_p
         if p is not None: self._row['aug_p'] = float(p)
         self.rows.append(self._row)
         self._row = None
@@ -209,7 +205,7 @@ def smooth(x:np.ndarray, beta:float=0.98)->np.ndarray:
 
 # %% ../nbs/05_callbacks.ipynb #fc816c7a
 class GeneratorEMA(Callback):
-    "Keep an exponential moving average of the generator's weights at `learn.ema_generator`"
+    "Keep an exponential moving average of the generator's weights at `learn.gan_state.ema`"
     order = 10
     def __init__(self, half_life_kimg:float=2., # thousands of images over which a step's weight halves
                  rampup:float|None=0.05, # half-life at most this fraction of the images seen so far
@@ -219,10 +215,8 @@ class GeneratorEMA(Callback):
 
     def before_fit(self):
         g = self.learn.model.generator
-        ema = getattr(self.learn, 'ema_generator', None)
-        if ema is None or type(ema) is not type(g):
-            ema = copy.deepcopy(g).eval().requires_grad_(False)
-        self.learn.ema_generator = ema
+        st = gan_state(self.learn)
+        if st.ema is None or type(st.ema) is not type(g): st.ema = copy.deepcopy(g).eval().requires_grad_(False)
 
     def after_step(self):
         if not (self.training and gen_mode(self.learn)): return
@@ -231,8 +225,8 @@ class GeneratorEMA(Callback):
         half = self.half_life_kimg * 1000
         if self.rampup is not None: half = min(half, self.n_img * self.rampup)
         beta = 0.5 ** (bs / max(half, 1e-8))
-        if getattr(self.learn, 'ema_generator', None) is None: self.before_fit()
-        g,ema = self.learn.model.generator, self.learn.ema_generator
+        if gan_state(self.learn).ema is None: self.before_fit()
+        g,ema = self.learn.model.generator, gan_state(self.learn).ema
         with torch.no_grad():
             for pe,p in zip(ema.parameters(), g.parameters()): pe.lerp_(p.detach(), 1 - beta)
             for be,b in zip(ema.buffers(), g.buffers()): be.copy_(b)
@@ -240,71 +234,22 @@ class GeneratorEMA(Callback):
     def checkpoint_state(self): return dict(n_img=self.n_img)
     def load_checkpoint_state(self, d): self.n_img = int(d['n_img'])
 
-# %% ../nbs/05_callbacks.ipynb #5c4480a4
-CHECKPOINT_FORMAT = 'medgan_fastai.checkpoint'
-
-class CheckpointError(Exception):
-    "A checkpoint or exported model that cannot be used: `path` names the file, `reason` says why"
-    def __init__(self, path, reason:str):
-        self.path,self.reason = str(path),reason
-        super().__init__(f'{self.path}: {reason}')
-
-def rng_state(learn=None)->dict:
-    "Every RNG state a training run depends on, as tensors and plain Python values (safe for `weights_only`)"
-    np_state = np.random.get_state()
-    d = dict(torch=torch.get_rng_state(), numpy=dict(key=torch.from_numpy(np_state[1].astype(np.int64)),
-             pos=int(np_state[2]), has_gauss=int(np_state[3]), gauss=float(np_state[4])), python=random.getstate())
-    if torch.cuda.is_available(): d['cuda'] = torch.cuda.get_rng_state_all()
-    dl = getattr(getattr(learn, 'dls', None), 'train', None)
-    if dl is not None and hasattr(dl, 'rng'): d['train_dl'] = dl.rng.getstate()
-    return d
-
-def set_rng_state(d:dict, learn=None):
-    "Restore what `rng_state` saved"
-    torch.set_rng_state(d['torch'])
-    n = d['numpy']
-    np.random.set_state(('MT19937', n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
-    random.setstate(_tuplify(d['python']))
-    if 'cuda' in d and torch.cuda.is_available(): torch.cuda.set_rng_state_all(d['cuda'])
-    dl = getattr(getattr(learn, 'dls', None), 'train', None)
-    if 'train_dl' in d and dl is not None: dl.rng.setstate(_tuplify(d['train_dl']))
-
-def _tuplify(x): return tuple(_tuplify(o) for o in x) if isinstance(x, (list, tuple)) else x
-
 # %% ../nbs/05_callbacks.ipynb #229a1f68
-def _plain(x):
-    "fastcore `L`s (in a fastai optimiser's state) as lists: `weights_only` loading accepts only plain containers"
-    if isinstance(x, (L, list, tuple)): return [_plain(o) for o in x] if not isinstance(x, tuple) else tuple(_plain(o) for o in x)
-    if isinstance(x, dict): return {k: _plain(v) for k,v in x.items()}
-    return x
-
-def save_checkpoint(learn, path, epoch:int)->Path:
+def save_checkpoint(learn, # a GAN learner (ours or fastai's)
+                    path, # the file
+                    epoch:int, # epochs done (1-based: the number in the file name)
+                   )->Path:
     "Write a full training checkpoint of `learn` after `epoch` epochs to `path`, atomically"
-    m = learn.model
+    m,st = learn.model,gan_state(learn)
     if learn.opt is None: learn.create_opt()
-    state = dict(format=CHECKPOINT_FORMAT, version=1, epoch=int(epoch),
-                 generator=m.generator.state_dict(), critic=m.critic.state_dict(), opt=_plain(learn.opt.state_dict()),
-                 ema=(learn.ema_generator.state_dict() if getattr(learn, 'ema_generator', None) is not None else None),
+    state = dict(epoch=int(epoch), generator=m.generator.state_dict(), critic=m.critic.state_dict(), opt=learn.opt.state_dict(),
+                 ema=(st.ema.state_dict() if st.ema is not None else None),
                  generator_config=getattr(m.generator, 'config', None), critic_config=getattr(m.critic, 'config', None),
                  vocab=getattr(m.generator, 'vocab', None), # class names of a conditional generator
                  rng=rng_state(learn),
                  callbacks={cb.name: cb.checkpoint_state() for cb in learn.cbs if hasattr(cb, 'checkpoint_state')},
-                 learner=(learn.checkpoint_state() if hasattr(learn, 'checkpoint_state') else {}),
-                 saved=time.strftime('%Y-%m-%dT%H:%M:%S'))
-    write_atomic(path, lambda p: torch.save(state, p), overwrite=True)
-    return Path(path)
-
-def read_checkpoint(path)->dict:
-    "Load a checkpoint safely (`weights_only=True`), raising `CheckpointError` for anything that is not one of ours"
-    path = Path(path)
-    if not path.is_file(): raise CheckpointError(path, 'no such checkpoint file')
-    try: state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise CheckpointError(path, f'not a loadable checkpoint (corrupt, truncated or not ours: {type(e).__name__}: '
-                                    f'{str(e).splitlines()[0][:200]})') from None
-    if not isinstance(state, dict) or state.get('format') != CHECKPOINT_FORMAT:
-        raise CheckpointError(path, f'not a medgan_fastai checkpoint (format {state.get("format") if isinstance(state, dict) else type(state).__name__!r})')
-    return state
+                 learner=st.checkpoint_state())
+    return write_checkpoint(state, path)
 
 def load_checkpoint(learn, path)->int:
     "Restore `learn` (nets, optimiser, EMA, RNGs, callback state) from `path`; returns the epochs already done"
@@ -319,12 +264,13 @@ def load_checkpoint(learn, path)->int:
     if isinstance(opt.get('hypers'), list): opt = {**opt, 'hypers': L(opt['hypers'])}  # a fastai optimiser's, saved plain
     learn.opt.load_state_dict(opt)
     if state.get('ema') is not None:
-        learn.ema_generator = copy.deepcopy(m.generator).eval().requires_grad_(False)
-        learn.ema_generator.load_state_dict(state['ema'])
+        ema = copy.deepcopy(m.generator).eval().requires_grad_(False)
+        ema.load_state_dict(state['ema'])
+        gan_state(learn).ema = ema
     for cb in learn.cbs:
         if cb.name in state.get('callbacks', {}) and hasattr(cb, 'load_checkpoint_state'):
             cb.load_checkpoint_state(state['callbacks'][cb.name])
-    if hasattr(learn, 'load_checkpoint_state'): learn.load_checkpoint_state(state.get('learner', {}))
+    gan_state(learn).load_checkpoint_state(state.get('learner', {}))
     set_rng_state(state['rng'], learn)
     return int(state['epoch'])
 
@@ -337,11 +283,4 @@ class GANCheckpoint(Callback):
         if skipped_epoch(self.learn) or rank_distrib(): return  # rank 0 writes for a distributed run
         d = Path(self.learn.path)/self.folder
         save_checkpoint(self.learn, d/f'epoch_{self.epoch + 1:03d}.pth', self.epoch + 1)
-        for old in sorted(d.glob('epoch_*.pth'))[:-self.keep]: old.unlink()
-
-def latest_checkpoint(folder)->Path|None:
-    "The newest `epoch_NNN.pth` in `folder` (a run folder or its `checkpoints/`), or None"
-    folder = Path(folder)
-    if (folder/'checkpoints').is_dir(): folder = folder/'checkpoints'
-    cks = sorted(folder.glob('epoch_*.pth'))
-    return cks[-1] if cks else None
+        for old in checkpoint_files(d)[:-self.keep]: old.unlink()  # by epoch number: epoch_1000 is newer than epoch_999

@@ -15,6 +15,7 @@ from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.distributed import DistributedDL, teardown_distrib
 from fastai.torch_core import rank_distrib, num_distrib
+from .callbacks import gan_state, gen_mode
 from .learner import MedGANLearner
 
 # %% auto #0
@@ -92,7 +93,7 @@ class GANDistributed(Callback):
 
     def _nets(self):
         nets = [self.model.generator, self.model.critic]
-        ema = getattr(self.learn, 'ema_generator', None)
+        ema = gan_state(self.learn).ema
         return nets + ([ema] if ema is not None else [])
     def _wrap(self, dl): return dl if isinstance(dl, DistributedDL) or dl is None else GANDistributedDL(dl)
 
@@ -100,7 +101,7 @@ class GANDistributed(Callback):
     def before_validate(self): self.learn.dl = self._wrap(self.learn.dl)
     def after_backward(self):
         if not self.training: return
-        average_gradients(list((self.model.generator if self.learn.gen_mode else self.model.critic).parameters()))
+        average_gradients(list((self.model.generator if gen_mode(self.learn) else self.model.critic).parameters()))
     def after_step(self):
         if self.training: _broadcast_state([self.model.generator, self.model.critic], buffers_only=True)
     def after_fit(self): self.learn.dls.loaders = self.old_dls

@@ -1,4 +1,4 @@
-"""GAN losses and `gan_learner`: a fastai `GANLearner` that steps the critic and the generator with their own optimisers, one pair per batch
+"""GAN losses and `gan_learner`: a fastai `Learner` that steps the critic and the generator with their own optimisers, one pair per batch
 
 Docs: https://medgan-fastai.github.io/medgan_fastai/learner.html.md"""
 
@@ -6,30 +6,29 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/learner.html.md"""
 
 # %% ../nbs/06_learner.ipynb #6f62eff4
 from __future__ import annotations
-import json, math, warnings
+import math, warnings
 from functools import partial
-from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, patch
 from fastai.callback.core import Callback, CancelBackwardException, CancelStepException
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import set_seed, params
-from fastai.vision.gan import GANLearner, GANModule, GANLoss
+from fastai.vision.gan import GANModule, GANLoss
 from fastai.metrics import LossMetrics
 from .models import *
 from .style import *
 from .augment import *
+from .persist import *
 from .callbacks import *
-from .convert import write_atomic
 
 # %% auto #0
-__all__ = ['GAN_LOSSES', 'PRECISIONS', 'ARCHS', 'GENERATOR_FORMAT', 'bce_gen_loss', 'bce_crit_loss', 'ns_gen_loss',
-           'ns_crit_loss', 'hinge_gen_loss', 'hinge_crit_loss', 'wgan_gen_loss', 'wgan_crit_loss', 'r1_penalty',
-           'critic_logits', 'gradient_penalty', 'gan_splitter', 'MedGANLearner', 'resolve_precision',
-           'GANMixedPrecision', 'gan_learner', 'save_generator', 'export_generator', 'load_generator']
+__all__ = ['GAN_LOSSES', 'ARCHS', 'PRECISIONS', 'bce_gen_loss', 'bce_crit_loss', 'ns_gen_loss', 'ns_crit_loss', 'hinge_gen_loss',
+           'hinge_crit_loss', 'wgan_gen_loss', 'wgan_crit_loss', 'r1_penalty', 'critic_logits', 'gradient_penalty',
+           'gan_splitter', 'MedGANLearner', 'gan_defaults', 'gan_models', 'resolve_precision', 'GANMixedPrecision',
+           'gan_learner', 'export_generator']
 
 # %% ../nbs/06_learner.ipynb #f93527c7
 def _bce(pred, target:float): return F.binary_cross_entropy_with_logits(pred, torch.full_like(pred, target))
@@ -73,8 +72,8 @@ def gradient_penalty(critic:nn.Module, real:torch.Tensor, fake:torch.Tensor,
 # %% ../nbs/06_learner.ipynb #98411bdb
 def gan_splitter(model:GANModule)->list: return [params(model.generator), params(model.critic)]
 
-class MedGANLearner(GANLearner):
-    "A fastai `GANLearner` doing one critic update and (every `n_crit` batches) one generator update per batch"
+class MedGANLearner(Learner):
+    "A fastai `Learner` doing one critic update and (every `n_crit` batches) one generator update per batch"
     def __init__(self, dls, generator:nn.Module, critic:nn.Module,
                  gen_loss_func, crit_loss_func, # fastai GAN loss functions
                  n_crit:int=1, # critic updates per generator update
@@ -91,20 +90,24 @@ class MedGANLearner(GANLearner):
         loss_func = GANLoss(gen_loss_func, crit_loss_func, gan)
         loss_func.gen_loss,loss_func.crit_loss = torch.tensor(0.),torch.tensor(0.)
         opt_func = partial(OptimWrapper, opt=torch.optim.Adam, betas=tuple(betas_g), eps=eps, weight_decay=0.)
-        Learner.__init__(self, dls, gan, loss_func=loss_func, opt_func=opt_func, splitter=gan_splitter, lr=[lr_g, lr_c],
+        super().__init__(dls, gan, loss_func=loss_func, opt_func=opt_func, splitter=gan_splitter, lr=[lr_g, lr_c],
                          wd=0., cbs=cbs, metrics=list(metrics or []) + list(LossMetrics('gen_loss,crit_loss')), **kwargs)
         store_attr('n_crit,r1_gamma,r1_every,gp_weight,pl_weight,pl_every,betas_g,betas_c')
-        self.gen_mode,self.real_logits,self.crit_steps,self.gen_steps,self.pl_mean = False,None,0,0,0.
-        self.labels = None  # the batch's class labels when it carries them (conditional training)
+        self.gan_state = GANState()
         # GANs mostly train without a validation set: report the epoch's mean losses of the training steps instead
         if hasattr(self, 'recorder'):
             self.recorder.train_metrics = True
-            self.recorder.valid_metrics = self._has_valid()
+            self.recorder.valid_metrics = self.has_valid()
 
-    def _has_valid(self)->bool: return len(self.dls) > 1 and self.dls.valid is not None and len(self.dls.valid) > 0
+    @property
+    def gan_trainer(self)->GANState: return self.gan_state  # fastai's GAN callbacks read `learn.gan_trainer.gen_mode`
+
+    def has_valid(self)->bool:
+        "Whether the data has a validation set to score (GAN data mostly has none)"
+        return len(self.dls) > 1 and self.dls.valid is not None and len(self.dls.valid) > 0
 
     def _do_epoch_validate(self, ds_idx=1, dl=None):
-        if dl is None and ds_idx == 1 and not self._has_valid(): return  # nothing to validate on
+        if dl is None and ds_idx == 1 and not self.has_valid(): return  # nothing to validate on
         super()._do_epoch_validate(ds_idx, dl)
 
     def create_opt(self):
@@ -115,98 +118,129 @@ class MedGANLearner(GANLearner):
         self.opt.set_hyper('mom', [self.betas_g[0], self.betas_c[0]])
         self.opt.set_hyper('sqr_mom', [self.betas_g[1], self.betas_c[1]])
 
-    @property
-    def gan_trainer(self): return self  # fastai's GAN callbacks look for `learn.gan_trainer.gen_mode`
+# %% ../nbs/06_learner.ipynb #2dffa8c1
+@patch
+def _cond(self:MedGANLearner, module, n:int|None=None)->dict:
+    "`labels=` of the batch (its first `n`) for a conditional `module`, else nothing"
+    labels = self.gan_state.labels
+    if labels is None or not getattr(module, 'n_classes', 0): return {}
+    return dict(labels=labels if n is None else labels[:n])
 
-    def _cond(self, module, n:int|None=None)->dict:
-        "`labels=` of the batch (its first `n`) for a conditional `module`, else nothing"
-        if self.labels is None or not getattr(module, 'n_classes', 0): return {}
-        return dict(labels=self.labels if n is None else self.labels[:n])
+@patch
+def _update(self:MedGANLearner, loss, module):
+    "Backward and step `module`'s update with fastai's events, then clear its gradients"
+    self.loss_grad,self.loss = loss, loss.detach()
+    self('after_loss')
+    self._with_events(self._backward, 'backward', CancelBackwardException)
+    self._with_events(self._step, 'step', CancelStepException)
+    for p in module.parameters(): p.grad = None
 
-    def _clear_grads(self, module):
-        for p in module.parameters(): p.grad = None
+@patch
+def _critic_step(self:MedGANLearner, noise, real, make_graph:bool):
+    "One critic update on `real` and fakes made from `noise`; returns the fakes (with their graph when `make_graph`)"
+    G,C,st = self.model.generator, self.model.critic, self.gan_state
+    st.gen_mode = False
+    self.model.switch(False)
+    with torch.set_grad_enabled(make_graph): fake = G(noise, **self._cond(G))
+    r1_due = self.r1_gamma > 0 and st.crit_steps % self.r1_every == 0
+    real_in = real.detach().requires_grad_(True) if r1_due else real
+    real_pred = critic_logits(C, real_in, st.labels)
+    fake_pred = critic_logits(C, fake.detach(), st.labels)
+    self.pred = real_pred
+    self('after_pred')
+    loss = self.loss_func.crit_loss_func(real_pred, fake_pred)
+    if r1_due: loss = loss + r1_penalty(real_pred, real_in) * (self.r1_gamma / 2 * self.r1_every)
+    if self.gp_weight > 0: loss = loss + self.gp_weight * gradient_penalty(C, real, fake, st.labels)
+    self.loss_func.crit_loss = loss.detach()
+    st.real_logits = real_pred.detach()
+    self._update(loss, C)
+    st.crit_steps += 1
+    return fake
 
-    def _update(self, loss):
-        "Backward and step with fastai's events, then clear the gradients"
-        self.loss_grad,self.loss = loss, loss.detach()
-        self('after_loss')
-        self._with_events(self._backward, 'backward', CancelBackwardException)
-        self._with_events(self._step, 'step', CancelStepException)
+# %% ../nbs/06_learner.ipynb #7d830f9a
+@patch
+def _path_length(self:MedGANLearner, noise):
+    "Path-length penalty of a style generator (Karras et al. 2020), on half a batch"
+    G,st = self.model.generator, self.gan_state
+    z = noise[:max(1, len(noise) // 2)]
+    ws = G.mapping(z, **self._cond(G, len(z)))
+    img = G.synthesis(ws)
+    y = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
+    g, = torch.autograd.grad((img * y).sum(), ws, create_graph=True)
+    lengths = g.square().sum(2).mean(1).sqrt()
+    st.pl_mean = st.pl_mean + 0.01 * (lengths.mean().item() - st.pl_mean)
+    return (lengths - st.pl_mean).square().mean() * self.pl_every
 
-    def _critic_step(self, noise, real, make_graph:bool):
-        G,C = self.model.generator, self.model.critic
-        self.gen_mode = False
-        self.model.switch(False)
-        if make_graph: fake = G(noise, **self._cond(G))
-        else:
-            with torch.no_grad(): fake = G(noise, **self._cond(G))
-        r1_due = self.r1_gamma > 0 and self.crit_steps % self.r1_every == 0
-        real_in = real.detach().requires_grad_(True) if r1_due else real
-        real_pred = critic_logits(C, real_in, self.labels)
-        fake_pred = critic_logits(C, fake.detach(), self.labels)
-        self.pred = real_pred
+@patch
+def _generator_step(self:MedGANLearner, noise, real, fake):
+    "One generator update through the critic (frozen: its weights get no gradients)"
+    G,C,st = self.model.generator, self.model.critic, self.gan_state
+    st.gen_mode = True
+    self.model.switch(True)
+    C.requires_grad_(False)
+    try:
+        self.pred = fake
         self('after_pred')
-        loss = self.loss_func.crit_loss_func(real_pred, fake_pred)
-        if r1_due: loss = loss + r1_penalty(real_pred, real_in) * (self.r1_gamma / 2 * self.r1_every)
-        if self.gp_weight > 0: loss = loss + self.gp_weight * gradient_penalty(C, real, fake, self.labels)
-        self.loss_func.crit_loss = loss.detach()
-        self.real_logits = real_pred.detach()
-        self._update(loss)
-        self._clear_grads(C)
-        self.crit_steps += 1
-        return fake
+        loss = self.loss_func.gen_loss_func(critic_logits(C, fake, st.labels), fake, real)
+        if self.pl_weight > 0 and st.gen_steps % self.pl_every == 0 and hasattr(G, 'mapping'):
+            loss = loss + self.pl_weight * self._path_length(noise)
+        self.loss_func.gen_loss = loss.detach()
+        self._update(loss, G)
+    finally: C.requires_grad_(True)
+    st.gen_steps += 1
 
-    def _path_length(self, noise):
-        "Path-length penalty of a style generator (Karras et al. 2020), on half a batch"
-        G = self.model.generator
-        z = noise[:max(1, len(noise) // 2)]
-        ws = G.mapping(z, **self._cond(G, len(z)))
-        img = G.synthesis(ws)
-        y = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
-        g, = torch.autograd.grad((img * y).sum(), ws, create_graph=True)
-        lengths = g.square().sum(2).mean(1).sqrt()
-        self.pl_mean = self.pl_mean + 0.01 * (lengths.mean().item() - self.pl_mean)
-        return (lengths - self.pl_mean).square().mean() * self.pl_every
-
-    def _generator_step(self, noise, real, fake):
-        G,C = self.model.generator, self.model.critic
-        self.gen_mode = True
+# %% ../nbs/06_learner.ipynb #e8fa47a6
+@patch
+def _do_one_batch(self:MedGANLearner):
+    # plain tensors: fastai's typed tensors would dispatch every op of the step through `__torch_function__`
+    noise,real = self.xb[0].as_subclass(torch.Tensor), self.yb[0].as_subclass(torch.Tensor)
+    st = self.gan_state
+    # class labels ride as the second target (`gan_dls(label=...)`): the fakes are made for the batch's classes
+    st.labels = self.yb[1].as_subclass(torch.Tensor).long() if len(self.yb) > 1 else None
+    if not self.training:  # validation / get_preds: generate, score with the critic, no update
+        st.gen_mode = True
         self.model.switch(True)
-        C.requires_grad_(False)
-        try:
-            self.pred = fake
-            self('after_pred')
-            loss = self.loss_func.gen_loss_func(critic_logits(C, fake, self.labels), fake, real)
-            if self.pl_weight > 0 and self.gen_steps % self.pl_every == 0 and hasattr(G, 'mapping'):
-                loss = loss + self.pl_weight * self._path_length(noise)
-            self.loss_func.gen_loss = loss.detach()
-            self._update(loss)
-        finally: C.requires_grad_(True)
-        self._clear_grads(G)
-        self.gen_steps += 1
+        G,C = self.model.generator, self.model.critic
+        self.pred = G(noise, **self._cond(G))
+        self('after_pred')
+        self.loss = self.loss_grad = self.loss_func.gen_loss_func(critic_logits(C, self.pred, st.labels), self.pred, real)
+        self('after_loss')
+        return
+    st.real_logits = None
+    g_due = (st.crit_steps + 1) % self.n_crit == 0
+    fake = self._critic_step(noise, real, make_graph=g_due)
+    if g_due: self._generator_step(noise, real, fake)
 
-    def _do_one_batch(self):
-        # plain tensors: fastai's typed tensors would dispatch every op of the step through `__torch_function__`
-        noise,real = self.xb[0].as_subclass(torch.Tensor), self.yb[0].as_subclass(torch.Tensor)
-        # class labels ride as the second target (`gan_dls(label=...)`): the fakes are made for the batch's classes
-        self.labels = self.yb[1].as_subclass(torch.Tensor).long() if len(self.yb) > 1 else None
-        if not self.training:  # validation / get_preds: generate, score with the critic, no update
-            self.gen_mode = True
-            self.model.switch(True)
-            self.pred = self.model.generator(noise, **self._cond(self.model.generator))
-            self('after_pred')
-            self.loss = self.loss_grad = self.loss_func.gen_loss_func(critic_logits(self.model.critic, self.pred, self.labels), self.pred, real)
-            self('after_loss')
-            return
-        self.real_logits = None
-        g_due = (self.crit_steps + 1) % self.n_crit == 0
-        fake = self._critic_step(noise, real, make_graph=g_due)
-        if g_due: self._generator_step(noise, real, fake)
+# %% ../nbs/06_learner.ipynb #888cec01
+ARCHS = ('dcgan', 'style')
 
-    def checkpoint_state(self)->dict:
-        return dict(crit_steps=self.crit_steps, gen_steps=self.gen_steps, pl_mean=float(self.pl_mean))
-    def load_checkpoint_state(self, d:dict):
-        self.crit_steps,self.gen_steps,self.pl_mean = int(d.get('crit_steps', 0)), int(d.get('gen_steps', 0)), float(d.get('pl_mean', 0.))
+def gan_defaults(arch:str='dcgan', # 'dcgan' or 'style'
+                 loss:str|None=None, # the loss, when chosen (it decides n_crit, spectral norm and the gradient penalty)
+                )->dict:
+    "The value every recipe option of `gan_learner` takes when left as None, for `arch` and `loss`"
+    if arch not in ARCHS: raise ValueError(f'unknown arch {arch!r}: use one of {", ".join(ARCHS)}')
+    style = arch == 'style'
+    loss = loss or ('ns' if style else 'hinge')
+    if loss not in GAN_LOSSES: raise ValueError(f'unknown loss {loss!r}: use one of {", ".join(GAN_LOSSES)}')
+    lr,betas = (2e-3, (0., 0.99)) if style else (2e-4, (0.5, 0.999))
+    return dict(loss=loss, z_dim=128 if style else 100, lr_g=lr, lr_c=lr, betas_g=betas, betas_c=betas,
+                n_crit=5 if loss == 'wgan-gp' else 1, r1_gamma=1. if style else 0., gp_weight=10. if loss == 'wgan-gp' else 0.,
+                spectral_norm=loss in ('hinge', 'ns'))  # BCE trains the BatchNorm critic of the DCGAN paper; WGAN-GP needs neither
+
+# %% ../nbs/06_learner.ipynb #ff8fb3bd
+def gan_models(arch:str, size:int, n_channels:int, z_dim:int, # architecture, image side and channels, noise length
+               loss:str, spectral_norm:bool, # the loss and whether the DCGAN critic is spectrally normalised
+               n_classes:int=0, # classes of a conditional pair
+               g_kwargs:dict|None=None, c_kwargs:dict|None=None, # extra arguments of the nets
+              )->tuple: # (generator, critic)
+    "A generator and a critic of `arch` for images of `size` pixels"
+    g_kwargs,c_kwargs = dict(g_kwargs or {}), dict(c_kwargs or {})
+    if n_classes: g_kwargs.setdefault('n_classes', n_classes); c_kwargs.setdefault('n_classes', n_classes)
+    if arch == 'style':
+        return (StyleGenerator(size=size, z_dim=z_dim, n_channels=n_channels, **g_kwargs),
+                StyleCritic(size=size, n_channels=n_channels, **c_kwargs))
+    return (DCGANGenerator(size=size, z_dim=z_dim, n_channels=n_channels, **g_kwargs),
+            DCGANCritic(size=size, n_channels=n_channels, spectral_norm=spectral_norm, batch_norm=loss != 'wgan-gp', **c_kwargs))
 
 # %% ../nbs/06_learner.ipynb #3827671a
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -236,7 +270,13 @@ class GANMixedPrecision(Callback):
     def before_fit(self):
         dev = self.device_type
         self.autocast = torch.autocast(dev, dtype=torch.bfloat16 if self.dtype == 'bf16' else torch.float16)
-        self.scalers = dict(generator=torch.amp.GradScaler(dev), critic=torch.amp.GradScaler(dev)) if self.dtype == 'fp16' else None
+        # the loss scales carry on across fits and resumes, as in one long run
+        if self.dtype == 'fp16' and getattr(self, 'scalers', None) is None:
+            self.scalers = dict(generator=torch.amp.GradScaler(dev), critic=torch.amp.GradScaler(dev))
+        elif self.dtype != 'fp16': self.scalers = None
+        for k,sd in (getattr(self, '_saved_scalers', None) or {}).items():
+            if self.scalers and k in self.scalers: self.scalers[k].load_state_dict(sd)
+        self._saved_scalers = None
 
     def _enter(self):
         if not self._on: self.autocast.__enter__(); self._on = True
@@ -271,11 +311,11 @@ class GANMixedPrecision(Callback):
     def param_groups(self): return self.learn.opt.param_groups
     def step(self, *args, **kwargs): self.skipped = False
     def checkpoint_state(self)->dict:
-        return {k: dict(scale=float(v.get_scale())) for k,v in (self.scalers or {}).items()}
+        "Each net's `GradScaler` state (fp16): its loss scale and growth counter"
+        return {k: v.state_dict() for k,v in (getattr(self, 'scalers', None) or {}).items()}
+    def load_checkpoint_state(self, d:dict): self._saved_scalers = d  # applied when `fit` creates the scalers
 
 # %% ../nbs/06_learner.ipynb #5c5122f9
-ARCHS = ('dcgan', 'style')
-
 def gan_learner(dls, # from `data.gan_dls`: batches of (noise, images in [-1, 1])
                 arch:str='dcgan', # 'dcgan' or 'style'
                 loss:str|None=None, # 'ns', 'bce', 'hinge' or 'wgan-gp' (default: 'hinge' for dcgan, 'ns' for style)
@@ -298,40 +338,25 @@ def gan_learner(dls, # from `data.gan_dls`: batches of (noise, images in [-1, 1]
                 **kwargs # passed to `MedGANLearner` (e.g. `path`, `pl_weight`)
                )->MedGANLearner:
     "A fastai GAN learner for `dls` with our DCGAN or StyleGAN-style nets and training recipe"
-    if arch not in ARCHS: raise ValueError(f'unknown arch {arch!r}: use one of {", ".join(ARCHS)}')
-    style = arch == 'style'
-    loss = loss or ('ns' if style else 'hinge')
-    if loss not in GAN_LOSSES: raise ValueError(f'unknown loss {loss!r}: use one of {", ".join(GAN_LOSSES)}')
-    if spectral_norm is None: spectral_norm = loss in ('hinge', 'ns')  # BCE is the seed's BatchNorm critic; WGAN-GP needs neither
+    d = gan_defaults(arch, loss)
+    pick = lambda v, k: d[k] if v is None else v
     if seed is not None: set_seed(seed, reproducible=True)
     b = dls.one_batch()
-    _,c,h,w = b[1].shape
-    z_dim = getattr(dls, 'z_dim', b[0].shape[1])
-    g_kwargs,c_kwargs = dict(g_kwargs or {}), dict(c_kwargs or {})
     if n_classes is None: n_classes = len(dls.vocab) if len(b) > 2 else 0  # (noise, real, label): conditional
-    if n_classes:
-        g_kwargs.setdefault('n_classes', n_classes); c_kwargs.setdefault('n_classes', n_classes)
-    if generator is None:
-        generator = (StyleGenerator(size=h, z_dim=z_dim, n_channels=c, **g_kwargs) if style
-                     else DCGANGenerator(size=h, z_dim=z_dim, n_channels=c, **g_kwargs))
-    if critic is None:
-        critic = (StyleCritic(size=h, n_channels=c, **c_kwargs) if style
-                  else DCGANCritic(size=h, n_channels=c, spectral_norm=spectral_norm, batch_norm=loss != 'wgan-gp', **c_kwargs))
-    cbs = list(cbs or [])
+    g,c = gan_models(arch, b[1].shape[-1], b[1].shape[1], getattr(dls, 'z_dim', b[0].shape[1]), d['loss'],
+                     pick(spectral_norm, 'spectral_norm'), n_classes, g_kwargs, c_kwargs)
+    generator,critic,cbs = generator or g, critic or c, list(cbs or [])
     if augment:
-        policy = 'translation,cutout,color' if augment == 'ada' else augment
-        critic = AugmentedCritic(critic, DiffAugment(policy, p=0. if augment == 'ada' else 1.))
+        critic = AugmentedCritic(critic, DiffAugment('translation,cutout,color' if augment == 'ada' else augment,
+                                                     p=0. if augment == 'ada' else 1.))
         if augment == 'ada': cbs.append(ADACallback(target=ada_target, kimg_to_full=ada_kimg))
     if ema: cbs.append(GeneratorEMA())
     if seed is not None: dls.train.rng.seed(seed)  # the loader's shuffling too
-    defaults = dict(lr=2e-3 if style else 2e-4, betas=(0., 0.99) if style else (0.5, 0.999))
-    learn = MedGANLearner(dls, generator, critic, *GAN_LOSSES[loss],
-                          n_crit=n_crit or (5 if loss == 'wgan-gp' else 1),
-                          r1_gamma=(1. if style else 0.) if r1_gamma is None else r1_gamma,
-                          gp_weight=10. if loss == 'wgan-gp' else 0.,
-                          lr_g=lr_g or defaults['lr'], lr_c=lr_c or defaults['lr'],
-                          betas_g=betas_g or defaults['betas'], betas_c=betas_c or defaults['betas'], cbs=cbs, **kwargs)
-    learn.arch,learn.loss_name = arch,loss
+    learn = MedGANLearner(dls, generator, critic, *GAN_LOSSES[d['loss']], n_crit=pick(n_crit, 'n_crit'),
+                          r1_gamma=pick(r1_gamma, 'r1_gamma'), gp_weight=d['gp_weight'],
+                          lr_g=pick(lr_g, 'lr_g'), lr_c=pick(lr_c, 'lr_c'), betas_g=pick(betas_g, 'betas_g'),
+                          betas_c=pick(betas_c, 'betas_c'), cbs=cbs, **kwargs)
+    learn.arch,learn.loss_name = arch,d['loss']
     if channels_last: learn.model.to(memory_format=torch.channels_last)
     if getattr(generator, 'n_classes', 0) and len(b) > 2: generator.vocab = [str(v) for v in dls.vocab]  # class names, exported
     learn.precision = resolve_precision(precision, getattr(dls, 'device', None))
@@ -339,20 +364,6 @@ def gan_learner(dls, # from `data.gan_dls`: batches of (noise, images in [-1, 1]
     return learn
 
 # %% ../nbs/06_learner.ipynb #be6925b3
-GENERATOR_FORMAT = 'medgan_fastai.generator'
-
-def save_generator(generator:nn.Module, path, # a generator of ours (it has a `config`), and the file to write
-                   **info, # anything JSON-able to keep with it (e.g. window, source)
-                  )->Path:
-    "Write `generator`'s config and weights to `path` (atomically) for `load_generator`"
-    if getattr(generator, 'config', None) is None:
-        raise ValueError('the generator has no `config`: only our architectures can be exported')
-    state = dict(format=GENERATOR_FORMAT, version=1, config=dict(generator.config),
-                 info=json.loads(json.dumps(info, default=str)),
-                 state_dict={k: v.detach().cpu() for k,v in generator.state_dict().items()})
-    write_atomic(path, lambda p: torch.save(state, p), overwrite=True)
-    return Path(path)
-
 def export_generator(learn, path, # the learner, and the file to write
                      ema:bool=True, # export the EMA weights when the learner has them
                      **info, # anything JSON-able to keep with it
@@ -362,33 +373,3 @@ def export_generator(learn, path, # the learner, and the file to write
     meta = getattr(getattr(learn.dls, 'cache', None), 'meta', {})
     if getattr(g, 'vocab', None) is not None: info = {'vocab': list(g.vocab), **info}  # class names for `generate --label`
     return save_generator(g, path, **{'window': meta.get('window'), 'size': meta.get('size'), **info})
-
-def load_generator(path, # a file written by `export_generator`, a checkpoint, or a run folder
-                   device=None, # where to put it (default: GPU when available)
-                  )->nn.Module:
-    "The generator saved at `path`, rebuilt from its config, in eval mode"
-    path = Path(path)
-    if path.is_dir():
-        if (path/'generator.pth').exists(): path = path/'generator.pth'
-        else:
-            ck = latest_checkpoint(path)
-            if ck is None: raise CheckpointError(path, 'no generator.pth and no checkpoint in this folder')
-            path = ck
-    if not path.is_file(): raise CheckpointError(path, 'no such file')
-    try: state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise CheckpointError(path, f'not a loadable model file (corrupt or not ours: {type(e).__name__})') from None
-    if not isinstance(state, dict): raise CheckpointError(path, 'not a medgan_fastai model file')
-    if state.get('format') == GENERATOR_FORMAT: cfg,sd = state['config'], state['state_dict']
-    elif state.get('format') == CHECKPOINT_FORMAT:
-        cfg,sd = state.get('generator_config'), state['ema'] if state.get('ema') is not None else state['generator']
-    else: raise CheckpointError(path, f'not a medgan_fastai model file (format {state.get("format")!r})')
-    try:
-        g = build_generator(cfg)
-        g.load_state_dict(sd)
-    except Exception as e: raise CheckpointError(path, f'weights do not fit the stored architecture ({str(e).splitlines()[0][:200]})') from None
-    g.info = state.get('info', {})
-    if state.get('format') == CHECKPOINT_FORMAT and state.get('vocab'): g.info = {**g.info, 'vocab': state['vocab']}
-    if g.info.get('vocab'): g.vocab = list(g.info['vocab'])
-    dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    return g.to(dev).eval()

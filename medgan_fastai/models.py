@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+from PIL import Image
 
 # %% auto #0
 __all__ = ['GENERATORS', 'CRITICS', 'ModelConfigError', 'register_arch', 'build_generator', 'build_critic', 'check_size',
-           'dcgan_init', 'dcgan_width', 'check_labels', 'DCGANGenerator', 'DCGANCritic']
+           'dcgan_init', 'dcgan_width', 'check_labels', 'DCGANGenerator', 'DCGANCritic', 'sample_images', 'image_grid']
 
 # %% ../nbs/03a_models.ipynb #58524b41
 class ModelConfigError(ValueError):
@@ -176,3 +177,32 @@ class DCGANCritic(nn.Module):
         h = self.main[:-1](x)                                  # (bs, 8*ndf, 4, 4)
         out = self.main[-1](h).reshape(x.shape[0])
         return out + (self.embed(labels.to(x.device)) * h.sum([2, 3])).sum(1)
+
+# %% ../nbs/03a_models.ipynb #a2f3ebae
+@torch.no_grad()
+def sample_images(generator:nn.Module, # any generator taking `(n, z_dim)` noise
+                  noise:torch.Tensor, # the latent vectors
+                  bs:int=64, # generate in chunks of this size
+                  labels:torch.Tensor|None=None, # `(n,)` class indices, for a conditional generator
+                 )->torch.Tensor: # `(n, c, h, w)` in [-1, 1], on the CPU
+    "Generate images for `noise` (and `labels`) in eval mode without touching the global RNG state"
+    dev = next(generator.parameters()).device
+    was_training = generator.training
+    devices = [dev] if dev.type == 'cuda' else []
+    kw = lambda i: {} if labels is None else dict(labels=torch.as_tensor(labels)[i:i+bs].to(dev))
+    with torch.random.fork_rng(devices=devices):
+        generator.eval()
+        try: out = torch.cat([generator(noise[i:i+bs].to(dev), **kw(i)).float().cpu() for i in range(0, len(noise), bs)])
+        finally: generator.train(was_training)
+    return out
+
+def image_grid(images:torch.Tensor, # `(n, c, h, w)` in [-1, 1]
+               nrow:int=8, # images per row
+               padding:int=2,
+              )->Image.Image:
+    "A grid of images as a PIL image (grayscale for one channel)"
+    from torchvision.utils import make_grid
+    x = ((images.clamp(-1, 1) + 1) / 2)
+    g = make_grid(x, nrow=nrow, padding=padding, pad_value=0.)
+    a = (g.mul(255).round().byte().permute(1, 2, 0).numpy())
+    return Image.fromarray(a[..., 0] if images.shape[1] == 1 else a)

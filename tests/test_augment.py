@@ -9,6 +9,7 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.vision.gan import GANModule
 from medgan_fastai.augment import *
+from types import SimpleNamespace
 from medgan_fastai.models import DCGANCritic, DCGANGenerator
 from medgan_fastai.style import StyleCritic
 
@@ -119,15 +120,19 @@ def test_augmented_critic_sees_augmented_reals_and_fakes_and_passes_gradients():
 
 class StoreRealLogits(Callback):
     "The learner's side of the contract: after each critic update, the detached logits on the reals"
-    def after_loss(self): self.learn.real_logits = self.learn.pred.detach()
+    def after_loss(self): self.learn.gan_state.real_logits = self.learn.pred.detach()
 
 def _critic_learner(reals, critic, ada, lr=0., p=0.5, extra_cbs=()):
     "A fastai `Learner` whose every batch is a critic update on reals (a `GANModule` in critic mode)"
     model = GANModule(DCGANGenerator(critic.size, z_dim=8, ngf=8), AugmentedCritic(critic, DiffAugment(p=p)))
     items = [(r, torch.tensor(1.)) for r in reals]
     dls = DataLoaders(DataLoader(items, bs=16, drop_last=True), DataLoader(items[:16], bs=16))
-    return Learner(dls, model, loss_func=lambda logits, y: F.softplus(-logits).mean(), lr=lr,
-                   cbs=[StoreRealLogits(), ada, *extra_cbs])
+    learn = Learner(dls, model, loss_func=lambda logits, y: F.softplus(-logits).mean(), lr=lr,
+                    cbs=[StoreRealLogits(), ada, *extra_cbs])
+    # the two fields of the shared GAN state (`callbacks.GANState`) that ADA uses; without a critic-step count ADA
+    # records fastai's `train_iter`
+    learn.gan_state = SimpleNamespace(real_logits=None, aug_p=None)
+    return learn
 
 def _fit(learn, n=1):
     with learn.no_logging(), learn.no_bar(): learn.fit(n)
@@ -146,7 +151,7 @@ def test_ada_moves_p_at_the_set_speed(bias, expected):
     np.testing.assert_allclose([h[1] for h in ada.history], expected, atol=1e-6)
     assert [h[2] for h in ada.history] == [1. if bias > 0 else -1.] * 4
     assert [h[0] for h in ada.history] == [2, 4, 6, 8]           # the iterations of the adjustments
-    assert learn.aug_p == learn.model.critic.augment.p == pytest.approx(expected[-1])
+    assert learn.gan_state.aug_p == learn.model.critic.augment.p == pytest.approx(expected[-1])
 
 def test_ada_clips_to_0_and_p_max():
     reals = list(_images(128))
@@ -162,7 +167,7 @@ def test_ada_counts_only_batches_with_a_critic_update():
         "Batches with an odd iteration have no critic update: the learner sets `real_logits` to None"
         order = 1
         def after_loss(self):
-            if self.training and self.learn.iter % 2: self.learn.real_logits = None
+            if self.training and self.learn.iter % 2: self.learn.gan_state.real_logits = None
     reals = list(_images(128))
     ada = ADACallback(interval=2, kimg_to_full=0.32)
     learn = _critic_learner(reals, _biased_critic(100.), ada, extra_cbs=[GeneratorEveryOtherBatch()])
@@ -180,7 +185,7 @@ def test_ada_on_real_mr_slices_raises_p_as_the_critic_learns_the_reals(mr_dir):
     _fit(learn, 4)
     ps = [h[1] for h in ada.history]
     assert len(ps) == 4 and ps[-1] > 0 and ada.history[-1][2] > 0.6
-    assert learn.aug_p == ps[-1]
+    assert learn.gan_state.aug_p == ps[-1]
 
 def test_ada_needs_an_augmented_critic():
     reals = list(_images(32))

@@ -39,7 +39,7 @@ def test_generate_is_reproducible(run2, env, tmp_path):
     assert len(fa) == 6 and [f.name for f in fa] == [f.name for f in fb]
     for x, y in zip(fa, fb): assert np.array_equal(np.asarray(Image.open(x)), np.asarray(Image.open(y)))
     # and they are what the exported generator gives for those seeds
-    from medgan_fastai.learner import load_generator
+    from medgan_fastai.persist import load_generator
     from medgan_fastai.latent import generate
     imgs = generate(load_generator(run2/'generator.pth', device='cpu'), list(range(11, 17)))
     ref = np.round(((imgs.clamp(-1, 1) + 1) / 2)[:, 0].numpy() * 255)

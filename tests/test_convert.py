@@ -114,7 +114,7 @@ def test_modality_units_and_derived_series(tmp_path):
 
 def test_atomic_writes_get_the_usual_permissions(tmp_path):
     import os, stat
-    from medgan_fastai.convert import write_atomic
+    from medgan_fastai.persist import write_atomic
     um = os.umask(0o022); os.umask(um)
     out = tmp_path/'a.txt'
     assert write_atomic(out, lambda p: open(p, 'w').write('x'))

@@ -3,6 +3,8 @@ import numpy as np, pandas as pd, pytest, torch
 from medgan_fastai.data import gan_dls
 from medgan_fastai.learner import *
 from medgan_fastai.callbacks import *
+from medgan_fastai.persist import *
+from medgan_fastai.models import sample_images
 
 @pytest.fixture(scope='module')
 def mr32(mr_dir, tmp_path_factory):
@@ -30,7 +32,8 @@ def test_n_crit_counts_across_epochs(mr32):
     learn = gan_learner(mr32, arch='dcgan', loss='wgan-gp', seed=0)   # n_crit=5; this data has 3 batches an epoch
     assert learn.n_crit == 5
     learn.fit(4)
-    assert learn.crit_steps == 4 * len(mr32.train) and learn.gen_steps == learn.crit_steps // 5 >= 2
+    st = learn.gan_state
+    assert st.crit_steps == 4 * len(mr32.train) and st.gen_steps == st.crit_steps // 5 >= 2
 
 def test_two_epoch_run_writes_everything(mr32, tmp_path):
     learn = gan_learner(mr32, arch='dcgan', seed=0, ema=True, path=tmp_path,
@@ -45,7 +48,7 @@ def test_two_epoch_run_writes_everything(mr32, tmp_path):
     out = export_generator(learn, tmp_path/'generator.pth')
     g = load_generator(out, device='cpu')
     z = torch.randn(4, g.z_dim, generator=torch.Generator().manual_seed(3))
-    ref = sample_images(learn.ema_generator, z)
+    ref = sample_images(learn.gan_state.ema, z)
     assert torch.equal(sample_images(g, z), ref)
     assert torch.equal(sample_images(load_generator(ck, device='cpu'), z), ref)
 
@@ -80,7 +83,7 @@ def test_style_gan_with_ada_short_run(mr32, tmp_path):
     assert np.isfinite(df[['crit_loss', 'gen_loss']].values).all()
     assert 'aug_p' in df and df.aug_p.max() > 0 and df.aug_p.nunique() > 1        # p moved and was recorded
     assert learn.model.critic.augment.p == df.aug_p.iloc[-1]
-    ema, g = learn.ema_generator, learn.model.generator
+    ema, g = learn.gan_state.ema, learn.model.generator
     assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), g.parameters()))
 
 def test_resume_mid_ada_interval_is_exact(mr32, tmp_path):

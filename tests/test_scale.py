@@ -7,7 +7,8 @@ from medgan_fastai.slices import prepare, SliceCache, blank_mask, file_crc32
 from medgan_fastai.data import gan_dls, _split_idxs
 from medgan_fastai.models import DCGANGenerator, DCGANCritic
 from medgan_fastai.style import StyleGenerator, StyleCritic
-from medgan_fastai.learner import gan_learner, export_generator, load_generator, GANMixedPrecision, resolve_precision
+from medgan_fastai.learner import gan_learner, export_generator, GANMixedPrecision, resolve_precision
+from medgan_fastai.persist import load_generator
 from medgan_fastai.callbacks import SampleGrid
 from medgan_fastai.latent import generate, class_view, label_index
 from medgan_fastai.app import GeneratorApp, build_app
@@ -95,7 +96,7 @@ def test_conditional_style_with_ada(mr_dls):
     assert learn.model.generator.mapping.n_classes == 4 and learn.model.critic.critic.n_classes == 4
     learn.fit(1)
     assert np.isfinite(learn.recorder.values[-1]).all()
-    g = learn.ema_generator
+    g = learn.gan_state.ema
     assert generate(g, [0, 1], labels='HFDL').shape == (2, 1, 32, 32)
     assert class_view(g, 'HFS').mapping(torch.randn(2, 16)).shape == (2, g.num_ws, 16)
 
@@ -190,7 +191,7 @@ class WeightLog(Callback):
     def before_fit(self): self.rows = []
     def after_batch(self):
         h = hashlib.sha1()
-        for m in (self.model.generator, self.model.critic, self.learn.ema_generator):
+        for m in (self.model.generator, self.model.critic, self.learn.gan_state.ema):
             for p in m.parameters(): h.update(p.detach().cpu().numpy().tobytes())
         self.rows.append(h.hexdigest())
     def after_fit(self): (out/f'weights_rank{rank}.json').write_text(json.dumps(dict(rows=self.rows, n_dl=len(self.dl))))
