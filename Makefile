@@ -29,7 +29,7 @@ check: env
 	$(BIN)/python tools/check_nbs.py
 
 pytest: env browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 
 # the app's browser test drives Debian's chromium (Playwright never downloads a browser here)
 browser:

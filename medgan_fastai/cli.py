@@ -6,14 +6,14 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/cli.html.md"""
 
 # %% ../nbs/10_cli.ipynb #b0e284da
 from __future__ import annotations
-import sys, platform
+import argparse, sys, platform
 from pathlib import Path
 from typing import Annotated
 from fastcore.script import anno_parser
 from . import __version__
 
 # %% auto #0
-__all__ = ['COMMANDS', 'POSITIONAL', 'SHORT_FLAGS', 'info', 'convert', 'train', 'generate', 'evaluate', 'serve', 'main']
+__all__ = ['COMMANDS', 'SHORT_FLAGS', 'info', 'convert', 'train', 'train_parser', 'generate', 'evaluate', 'serve', 'main']
 
 # %% ../nbs/10_cli.ipynb #64c35510
 def info():
@@ -65,119 +65,28 @@ def convert(src:str, # DICOM folder (searched recursively), or one file
     if not done: sys.exit(f"medgan convert: no image was converted from {src} (reasons in {Path(dst)/'report.csv'})")
 
 # %% ../nbs/10_cli.ipynb #99cbdaec
-_TRAIN_KEYS = ('source', 'size', 'arch', 'loss', 'bs', 'window', 'augment', 'ema', 'seed', 'lr_g', 'lr_c', 'n_crit',
-               'r1_gamma', 'skip_blank', 'z_dim', 'samples', 'label', 'label_map', 'precision', 'channels_last')
-
-def _parse_label_map(label_map:str|None)->dict|None:
-    "A label mapping from the command line: a JSON file, or 'VALUE=CLASS,VALUE=CLASS'"
-    if not label_map: return None
-    if isinstance(label_map, dict): return label_map
-    import json
-    if Path(label_map).is_file(): return {str(k): v for k,v in json.loads(Path(label_map).read_text()).items()}
-    pairs = [kv.split('=', 1) for kv in str(label_map).split(',') if kv.strip()]
-    if any(len(kv) != 2 for kv in pairs): sys.exit(f"medgan train: --label-map takes a JSON file or VALUE=CLASS,VALUE=CLASS, not {label_map!r}")
-    return {k.strip(): v.strip() for k,v in pairs}
-
-def _launch_processes(n:int, kwargs:dict):
-    "Run `train(**kwargs)` in `n` processes through torchrun (NCCL on GPUs, gloo on CPU); exit with its status"
-    import json, subprocess
-    code = 'import json, sys; from medgan_fastai.cli import train; train(**json.loads(sys.argv[1]))'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}', '--no-python',
-           sys.executable, '-c', code, json.dumps(kwargs)]
-    print(f"medgan train: starting {n} processes (torchrun --standalone --nproc_per_node {n})", flush=True)
-    rc = subprocess.call(cmd)
-    if rc: sys.exit(rc)
-
-def train(source:str=None, # DICOM/PNG/JPG folder (recursive); default: the demo brain MR series
-          out:str='runs/demo', # run folder (samples, loss chart, checkpoints, generator.pth)
-          size:int=64, # image side: 32, 64, 128 or 256
+def train(out:str='runs/demo', # run folder (samples, loss chart, checkpoints, generator.pth)
           epochs:int=30, # total epochs (with --resume: train until this many are done)
-          arch:str='dcgan', # dcgan or style
-          loss:str=None, # bce, ns, hinge or wgan-gp (default: bce for dcgan, ns for style)
-          bs:int=32, # batch size (small data: smaller batches give more steps per epoch)
-          window:str='auto', # a preset (brain, bone, ...), file, auto, or CENTER,WIDTH
-          augment:str='ada', # ada (adaptive), a fixed DiffAugment policy such as translation,cutout,color, or none
-          no_ema:bool=False, # train without the EMA generator (samples and export then use the raw weights)
-          seed:int=42, # random seed: the same seed and settings give the same run
-          lr_g:float=None, # generator learning rate (default 2e-4 dcgan, 2e-3 style)
-          lr_c:float=None, # critic learning rate (same defaults)
-          n_crit:int=None, # critic updates per generator update (default 5 for wgan-gp, else 1)
-          r1_gamma:float=None, # R1 penalty weight (default 0 dcgan, 1 style)
-          z_dim:int=None, # noise length (default 100 dcgan, 128 style)
-          samples:int=64, # images in each epoch's sample grid
-          keep:int=2, # checkpoints kept
-          resume:bool=False, # continue the run in OUT from its newest checkpoint
+          resume:bool=False, # continue the run in OUT from its newest checkpoint (with its own settings)
           force:bool=False, # start again in an existing OUT (its files are replaced)
-          label:str=None, # conditional GAN: class labels from 'folder' (parent folder names) or a DICOM tag (e.g. BodyPartExamined)
-          label_map:str=None, # map label values to classes: a JSON file or VALUE=CLASS,VALUE=CLASS (unmapped slices are left out)
+          keep:int=2, # checkpoints kept
           gpus:int=1, # data-parallel processes (one per GPU; on a machine without GPUs, CPU processes over gloo); BS is per process
-          precision:str='auto', # auto (bf16 on GPUs that have it), fp32, bf16 or fp16 (always fp32 on CPU)
-          channels_last:bool=False, # NHWC memory format (faster convolutions on recent GPUs)
+          **recipe, # the recipe's options (`run.recipe_options`): --arch, --size, --loss, ...
          ):
     "Train a GAN on DICOM (or PNG/JPG) slices through fastai; outputs go to one run folder"
-    import json, shutil
-    from fastai.torch_core import num_distrib, rank_distrib
-    from medgan_fastai.distributed import init_distributed, on_rank0_first
-    distributed = num_distrib() > 1
-    from medgan_fastai.data import gan_dls
-    from medgan_fastai.learner import gan_learner, export_generator
-    from medgan_fastai.callbacks import SampleGrid, LossChart, GANCheckpoint, latest_checkpoint, load_checkpoint, save_checkpoint
-    from medgan_fastai.convert import write_atomic
-    run = Path(out)
-    cfg_file = run/'config.json'
-    args = dict(source=source, size=size, arch=arch, loss=loss, bs=bs, window=window,
-                augment=None if str(augment).lower() in ('none', '') else augment, ema=not no_ema,
-                seed=seed, lr_g=lr_g, lr_c=lr_c, n_crit=n_crit, r1_gamma=r1_gamma, skip_blank=True,
-                z_dim=z_dim or (128 if arch == 'style' else 100), samples=samples,
-                label=label, label_map=_parse_label_map(label_map), precision=precision, channels_last=channels_last)
-    start = 0
-    if resume:
-        if not cfg_file.exists(): sys.exit(f"medgan train: nothing to resume in {run} (no config.json)")
-        args = {**args, **{k: v for k,v in json.loads(cfg_file.read_text()).items() if k in _TRAIN_KEYS}}
-        ck = latest_checkpoint(run)
-        if ck is None: print(f"{run}: no checkpoint yet, starting from the beginning")
-    elif run.exists() and any(run.iterdir()) and not rank_distrib():
-        if not force: sys.exit(f"medgan train: {run} already holds a run; use --resume to continue it, "
-                               f"--force to start it again, or another --out")
-        for sub in ('samples', 'checkpoints'): shutil.rmtree(run/sub, ignore_errors=True)
-        for f in ('loss.csv', 'loss.png', 'generator.pth', 'config.json'): (run/f).unlink(missing_ok=True)
-    run.mkdir(parents=True, exist_ok=True)
-    if gpus > 1 and not distributed:  # this process only launches the workers, which run this function again
-        return _launch_processes(gpus, dict(source=source, out=out, size=size, epochs=epochs, arch=arch, loss=loss, bs=bs,
-                                            window=window, augment=augment, no_ema=no_ema, seed=seed, lr_g=lr_g, lr_c=lr_c,
-                                            n_crit=n_crit, r1_gamma=r1_gamma, z_dim=z_dim, samples=samples, keep=keep,
-                                            resume=resume, force=force, label=label, label_map=args['label_map'], gpus=gpus,
-                                            precision=precision, channels_last=channels_last))
-    init_distributed()
-    # the decode-once cache is built by rank 0 while the others wait, then opened by them
-    dls = on_rank0_first(gan_dls, args['source'], size=args['size'], bs=args['bs'], window=_parse_window(args['window']),
-                  z_dim=args['z_dim'], skip_blank=args['skip_blank'], label=args.get('label'), label_map=args.get('label_map'),
-                  verbose=not rank_distrib())
-    learn = gan_learner(dls, arch=args['arch'], loss=args['loss'], augment=args['augment'],
-                        ema=args['ema'], seed=args['seed'], lr_g=args['lr_g'], lr_c=args['lr_c'],
-                        n_crit=args['n_crit'], r1_gamma=args['r1_gamma'], path=run,
-                        cbs=[SampleGrid(n=args['samples']), LossChart(), GANCheckpoint(keep=keep)],
-                        precision=args.get('precision') or 'auto', channels_last=bool(args.get('channels_last')))
-    if (not resume or not cfg_file.exists()) and not rank_distrib():
-        write_atomic(cfg_file, lambda p: Path(p).write_text(json.dumps(args, indent=1)), overwrite=True)
-    if resume and (ck := latest_checkpoint(run)) is not None:
-        start = load_checkpoint(learn, ck)
-        print(f"resuming {run} after epoch {start} from {ck.name}")
-    if start >= epochs: print(f"{run}: {start} epochs done already (asked for {epochs})")
-    else:
-        try:
-            with learn.distrib_ctx(): learn.fit(epochs, start_epoch=start)
-        except KeyboardInterrupt:
-            if rank_distrib(): sys.exit(130)
-            done = learn.epoch  # the interrupted epoch is repeated on resume, from the weights it had reached
-            ck = save_checkpoint(learn, run/'checkpoints'/f'epoch_{done:03d}_interrupted.pth', done)
-            print(f"\ninterrupted during epoch {done + 1}: saved {ck}; continue with: medgan train --out {run} --resume --epochs {epochs}")
-            sys.exit(130)
-    if rank_distrib(): return learn  # rank 0 exports
-    g = export_generator(learn, run/'generator.pth', source=str(args['source'] or 'demo: MNI152 2009a T1'), arch=args['arch'],
-                         window=args['window'], skip_blank=args['skip_blank'])
-    print(f"run folder {run}: samples/ loss.png loss.csv checkpoints/ {g.name}")
-    return learn
+    from medgan_fastai.run import train_run
+    try: return train_run(out=out, epochs=epochs, resume=resume, force=force, keep=keep, gpus=gpus, **recipe)
+    except KeyboardInterrupt:
+        print(f'continue with: medgan train --out {out} --resume --epochs {epochs}')
+        sys.exit(130)
+
+# %% ../nbs/10_cli.ipynb #afa181b1
+def train_parser()->argparse.ArgumentParser:
+    "The parser of `medgan train`: the recipe's options (SOURCE positional) and the run folder's"
+    from medgan_fastai.run import recipe_options
+    parents = [anno_parser(recipe_options, pos=['source']), anno_parser(train)]
+    return argparse.ArgumentParser(prog='medgan train', description=train.__doc__, parents=parents,
+                                   conflict_handler='resolve', formatter_class=parents[0].formatter_class)
 
 # %% ../nbs/10_cli.ipynb #03e1645f
 def _seed_labels(g, seeds:list, label=None)->list|None:
@@ -218,8 +127,8 @@ def generate(model:str, # a run folder, a generator.pth, or a checkpoint
              label:str=None, # conditional generators: the class to make (a name from training, or an index); default: every class in turn
             ):
     "Write images from a trained generator as PNG or synthetic DICOM"
-    from medgan_fastai.learner import load_generator
-    from medgan_fastai.convert import save_slice, write_dicom_series, write_atomic
+    from medgan_fastai.persist import load_generator, write_atomic
+    from medgan_fastai.convert import save_slice, write_dicom_series
     from medgan_fastai import latent
     g = load_generator(model)
     outp = Path(out)
@@ -261,10 +170,9 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
             ):
     "Score trained generators against real slices (SWD, MS-SSIM diversity, precision/recall, memorisation, FID/KID/IS)"
     import json, pandas as pd
-    from medgan_fastai.learner import load_generator
+    from medgan_fastai.persist import load_generator, write_atomic
     from medgan_fastai.data import gan_dls
     from medgan_fastai.scoring import evaluate as score
-    from medgan_fastai.convert import write_atomic
     from medgan_fastai import latent
     names = [m.strip() for m in metrics.split(',') if m.strip()]
     rows,reals = [],{}
@@ -313,8 +221,6 @@ def serve(model:str, # a run folder, a generator.pth, or a checkpoint
 
 # %% ../nbs/10_cli.ipynb #4f1bb189
 COMMANDS = dict(info=info, convert=convert, train=train, generate=generate, evaluate=evaluate, serve=serve)
-# optional positional arguments (parameters with a default that are given without a flag), and short flags
-POSITIONAL = dict(train=['source'])
 SHORT_FLAGS = dict(generate={'-n': '--n'}, evaluate={'-n': '--n'})
 
 def _usage():
@@ -322,6 +228,11 @@ def _usage():
     lines += [f"  {k:10} {(f.__doc__ or '').splitlines()[0]}" for k,f in COMMANDS.items()]
     lines += ["", "`medgan COMMAND --help` shows a command's options and defaults."]
     return '\n'.join(lines)
+
+def _user_errors()->tuple:
+    "The library's exception types for bad input, from the modules this process has loaded"
+    names = dict(dicom='DicomError', persist='CheckpointError', run='RunFolderError', models='ModelConfigError')
+    return tuple(getattr(sys.modules[f'medgan_fastai.{m}'], n) for m,n in names.items() if f'medgan_fastai.{m}' in sys.modules)
 
 def main(argv:list|None=None): # arguments (default: `sys.argv[1:]`)
     "The `medgan` console script: dispatch to the command named first"
@@ -332,6 +243,10 @@ def main(argv:list|None=None): # arguments (default: `sys.argv[1:]`)
     if name not in COMMANDS: sys.exit(f"medgan: unknown command {name!r}\n\n{_usage()}")
     f = COMMANDS[name]
     rest = [SHORT_FLAGS.get(name, {}).get(a, a) for a in rest]
-    args = vars(anno_parser(f, prog=f'medgan {name}', pos=POSITIONAL.get(name)).parse_args(rest))
+    parser = train_parser() if name == 'train' else anno_parser(f, prog=f'medgan {name}')
+    args = vars(parser.parse_args(rest))
     for k in ('pdb', 'xtra'): args.pop(k, None)  # fastcore's debugging options, not ours
-    f(**args)  # commands report by printing; their return values are for Python callers
+    try: f(**args)  # commands report by printing; their return values are for Python callers
+    except Exception as e:
+        if not isinstance(e, _user_errors()): raise
+        sys.exit(f'medgan {name}: {e}')  # bad input: one line naming the file and the reason, exit code 1

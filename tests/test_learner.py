@@ -103,3 +103,33 @@ def test_resume_mid_ada_interval_is_exact(mr32, tmp_path):
     assert ada_b.history == ada_a.history and ada_b.augment.p == ada_a.augment.p
     for m in ('generator', 'critic'):
         assert all(torch.equal(x, y) for x, y in zip(getattr(a.model, m).parameters(), getattr(b.model, m).parameters())), m
+
+def test_the_learner_is_a_fastai_learner_with_its_api(tmp_path, mr32):
+    "Not a GANLearner whose inherited constructors (`wgan`, `from_learners`) would fail: a Learner whose own API works"
+    from fastai.learner import Learner
+    from fastai.vision.gan import GANLearner
+    learn = gan_learner(mr32, arch='dcgan', seed=0, path=tmp_path, g_kwargs=dict(ngf=8), c_kwargs=dict(ndf=8))
+    assert isinstance(learn, Learner) and not isinstance(learn, GANLearner)
+    assert not hasattr(MedGANLearner, 'wgan') and not hasattr(MedGANLearner, 'from_learners')
+    assert learn.gan_trainer is learn.gan_state          # what fastai's GAN callbacks read
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    learn.save('weights')                                # fastai's save/load of model and optimiser
+    other = gan_learner(mr32, arch='dcgan', seed=1, path=tmp_path, g_kwargs=dict(ngf=8), c_kwargs=dict(ndf=8))
+    other.load('weights')
+    for a, b in zip(learn.model.parameters(), other.model.parameters()): assert torch.equal(a, b)
+
+def test_fp16_loss_scales_are_restored_on_resume(tmp_path, mr32):
+    "GANMixedPrecision saved each net's loss scale but never restored it: a resumed fp16 run restarted at 65536"
+    kw = dict(arch='dcgan', seed=0, path=tmp_path, g_kwargs=dict(ngf=8), c_kwargs=dict(ndf=8))
+    learn = gan_learner(mr32, cbs=[GANMixedPrecision('fp16', device_type='cpu')], **kw)
+    mp = learn.gan_mixed_precision
+    mp.before_fit()
+    for k,v in (('critic', 123.), ('generator', 456.)):  # as if training had backed the scales off from 65536
+        mp.scalers[k].scale(torch.ones(()))
+        mp.scalers[k].update(new_scale=v)
+    save_checkpoint(learn, tmp_path/'epoch_001.pth', 1)
+    again = gan_learner(mr32, cbs=[GANMixedPrecision('fp16', device_type='cpu')], **kw)
+    load_checkpoint(again, tmp_path/'epoch_001.pth')
+    mp2 = again.gan_mixed_precision
+    mp2.before_fit()
+    assert mp2.scalers['critic'].get_scale() == 123. and mp2.scalers['generator'].get_scale() == 456.

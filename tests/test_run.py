@@ -1,0 +1,87 @@
+"A training run as a library object: `train_run` and `medgan train` give the same run; resume is exact; config.json is resolved."
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest, torch
+from medgan_fastai.run import Recipe, train_run, RunFolderError
+from medgan_fastai.learner import gan_defaults
+
+MEDGAN = str(Path(sys.executable).parent/'medgan')
+TINY = dict(size=32, bs=16, seed=7, samples=16)
+
+@pytest.fixture(scope='module')
+def cache_env(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp('cache'))
+    old = os.environ.get('MEDGAN_CACHE')
+    os.environ['MEDGAN_CACHE'] = d  # the library call and the subprocess share one decode-once cache
+    yield {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    if old is None: os.environ.pop('MEDGAN_CACHE', None)
+    else: os.environ['MEDGAN_CACHE'] = old
+
+def _weights(run, epoch):
+    return torch.load(Path(run)/'checkpoints'/f'epoch_{epoch:03d}.pth', weights_only=True)
+
+def _assert_same_weights(a, b):
+    for net in ('generator', 'critic', 'ema'):
+        for k in a[net]:
+            x, y = a[net][k], b[net][k]
+            assert (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y), (net, k)
+
+@pytest.fixture(scope='module')
+def shell_run(mr_dir, cache_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp('shell')/'run'
+    args = [MEDGAN, 'train', str(mr_dir/'HFS'), '--out', str(out), '--epochs', '2'] + [f'--{k}={v}' for k,v in TINY.items()]
+    r = subprocess.run(args, env=cache_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+def test_notebook_call_equals_medgan_train(shell_run, mr_dir, tmp_path):
+    "The same recipe from a notebook cell and from the shell: same files, same config, same weights after 2 epochs"
+    out = tmp_path/'run'
+    train_run(mr_dir/'HFS', out=out, recipe=TINY, epochs=2)
+    files = lambda d: sorted(str(p.relative_to(d)) for p in Path(d).rglob('*') if p.is_file())
+    assert files(out) == files(shell_run)
+    a, b = json.loads((out/'config.json').read_text()), json.loads((shell_run/'config.json').read_text())
+    assert a == b
+    _assert_same_weights(_weights(out, 2), _weights(shell_run, 2))
+
+def test_resumed_library_run_equals_uninterrupted(shell_run, mr_dir, tmp_path):
+    out = tmp_path/'run'
+    train_run(mr_dir/'HFS', out=out, recipe=TINY, epochs=1)
+    learn = train_run(out=out, epochs=2, resume=True)
+    assert learn.epoch == 1
+    _assert_same_weights(_weights(out, 2), _weights(shell_run, 2))
+
+def test_config_holds_resolved_values(shell_run):
+    cfg = json.loads((shell_run/'config.json').read_text())
+    d = gan_defaults('dcgan')
+    assert cfg['loss'] == 'hinge' and cfg['lr_g'] == d['lr_g'] and cfg['z_dim'] == d['z_dim']
+    assert cfg['betas_g'] == list(d['betas_g']) and cfg['n_crit'] == 1 and cfg['precision'] == 'fp32'
+    assert all(cfg[k] is not None for k in ('loss', 'lr_g', 'lr_c', 'n_crit', 'r1_gamma', 'z_dim', 'betas_g', 'betas_c'))
+    assert Recipe.from_json(shell_run/'config.json') == Recipe(**cfg)
+
+def test_resume_keeps_the_stored_recipe_when_a_default_changes(shell_run, tmp_path, monkeypatch):
+    "config.json is what a resumed run trains with, whatever today's defaults are"
+    import medgan_fastai.run as run_mod
+    changed = lambda arch='dcgan', loss=None: {**gan_defaults(arch, loss), 'lr_g': 1.0, 'z_dim': 7}
+    monkeypatch.setattr(run_mod, 'gan_defaults', changed)
+    assert Recipe().resolved().lr_g == 1.0                     # a new run would take the new default
+    r = run_mod.prepare_run_folder(shell_run, Recipe(), resume=True)
+    assert (r.lr_g, r.z_dim) == (gan_defaults('dcgan')['lr_g'], 100)
+
+def test_resume_with_another_source_is_refused(shell_run, mr_dir):
+    with pytest.raises(RunFolderError, match='own source'):
+        train_run(mr_dir/'HFP', out=shell_run, epochs=3, resume=True)
+
+def test_train_help_states_the_real_defaults(cache_env):
+    "`medgan train --help` said the DCGAN default loss was bce while training used hinge"
+    r = subprocess.run([MEDGAN, 'train', '--help'], env=cache_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    text = ' '.join(r.stdout.split())
+    assert f"{gan_defaults('dcgan')['loss']} for dcgan" in text and f"{gan_defaults('style')['loss']} for style" in text
+    assert 'bce for dcgan' not in text
+
+def test_existing_folder_gives_one_line(shell_run, mr_dir, cache_env):
+    r = subprocess.run([MEDGAN, 'train', str(mr_dir), '--out', str(shell_run), '--epochs', '1'], env=cache_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and str(shell_run) in r.stderr and '--resume' in r.stderr
