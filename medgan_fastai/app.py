@@ -8,12 +8,13 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/app.html.md"""
 from __future__ import annotations
 import functools, inspect, ipaddress, math, os, shutil, tempfile, threading, uuid, warnings
 from pathlib import Path
+from types import SimpleNamespace
 import numpy as np, torch
 from PIL import Image
 from fastcore.basics import patch
-from .callbacks import image_grid
+from .models import image_grid
 from .convert import save_slice, write_synthetic_dicom
-from .learner import load_generator
+from .persist import load_generator
 from .latent import is_style, seed_ws, synthesize, generate, style_mix, latent_directions
 from .latent import interpolate, interpolation_gif, class_view, label_index
 
@@ -137,7 +138,12 @@ def images(self:GeneratorApp, seed:int, # 0..2^32-1
         return synthesize(G, ws + offset.to(ws))
 
 @patch
-def image(self:GeneratorApp, seed, psi=0.7, level=0.5, width=1.0, *amounts, label=None)->Image.Image:
+def image(self:GeneratorApp, seed, # 0..2^32-1
+          psi=0.7, # truncation (style-based models)
+          level=0.5, width=1.0, # the display window, see `display_window`
+          *amounts, # steps along the principal directions, in standard deviations
+          label=None, # the class of a conditional model
+         )->Image.Image:
     "The picture of `seed` (see `images`) through the display window: what the page shows"
     _,_,level,width = self._controls(seed, psi, level, width)
     return window_picture(self.images(seed, psi, amounts, label=label), level, width)
@@ -146,7 +152,10 @@ def image(self:GeneratorApp, seed, psi=0.7, level=0.5, width=1.0, *amounts, labe
 @patch
 def grid(self:GeneratorApp, seed, # the first seed
          n:int=16, # images (1..`MAX_GRID`)
-         psi=0.7, level=0.5, width=1.0, label=None)->Image.Image:
+         psi=0.7, # truncation (style-based models)
+         level=0.5, width=1.0, # the display window, see `display_window`
+         label=None, # the class of a conditional model
+        )->Image.Image:
     "A square grid of the images of seeds `seed`, `seed`+1, ... through the display window"
     seed,psi,level,width = self._controls(seed, psi, level, width)
     n = check_range(n, 1, MAX_GRID, 'grid size', integer=True)
@@ -159,7 +168,10 @@ def grid(self:GeneratorApp, seed, # the first seed
 def mix(self:GeneratorApp, seed_coarse, # gives the styles before `crossover`
         seed_fine, # gives the styles from `crossover` on
         crossover:int, # 0..num_ws: 0 is all `seed_fine`, num_ws all `seed_coarse`
-        psi=0.7, level=0.5, width=1.0, label=None)->Image.Image:
+        psi=0.7, # truncation of both seeds' styles
+        level=0.5, width=1.0, # the display window, see `display_window`
+        label=None, # the class of a conditional model
+       )->Image.Image:
     "The style mix of two seeds through the display window (style-based models)"
     if not self.styled: raise ValueError('style mixing needs a style-based model')
     seed_coarse,psi,level,width = self._controls(seed_coarse, psi, level, width)
@@ -182,7 +194,10 @@ def _path_controls(self:GeneratorApp, seed_a, seed_b, steps, space, psi):
 def interpolation(self:GeneratorApp, seed_a, seed_b, # the end points
                   steps:int=8, # images, both ends included (2..`MAX_STEPS`)
                   space:str='w', # 'w' (lerp of styles) or 'z' (slerp; always for DCGAN)
-                  psi=0.7, level=0.5, width=1.0, label=None)->Image.Image:
+                  psi=0.7, # truncation (style-based models)
+                  level=0.5, width=1.0, # the display window, see `display_window`
+                  label=None, # the class of a conditional model
+                 )->Image.Image:
     "The interpolation from `seed_a` to `seed_b` as one row through the display window"
     _,_,level,width = self._controls(seed_a, psi, level, width)
     seed_a,seed_b,steps,space,psi = self._path_controls(seed_a, seed_b, steps, space, psi)
@@ -191,7 +206,12 @@ def interpolation(self:GeneratorApp, seed_a, seed_b, # the end points
     return window_picture(imgs, level, width, nrow=steps)
 
 @patch
-def animation(self:GeneratorApp, seed_a, seed_b, steps:int=16, space:str='w', psi=0.7, label=None)->Path:
+def animation(self:GeneratorApp, seed_a, seed_b, # the end points
+              steps:int=16, # frames from `seed_a` to `seed_b` (2..`MAX_STEPS`)
+              space:str='w', # 'w' (lerp of styles) or 'z' (slerp; always for DCGAN)
+              psi=0.7, # truncation (style-based models)
+              label=None, # the class of a conditional model
+             )->Path:
     "A looping GIF of the interpolation from `seed_a` to `seed_b` and back (a new file in `out_dir`)"
     seed_a,seed_b,steps,space,psi = self._path_controls(seed_a, seed_b, steps, space, psi)
     G = self._gen(label)
@@ -276,7 +296,86 @@ def _labelled(fn, # a `GeneratorApp` method taking `label=`
 
 def _param_names(fn, n:int)->list: return list(inspect.signature(fn).parameters)[:n]
 
-# %% ../nbs/09_app.ipynb #0bf48db6
+# %% ../nbs/09_app.ipynb #4056d9d3
+def _control_panel(gr, app:GeneratorApp)->SimpleNamespace:
+    "The left column: seed, class, truncation, display window and direction sliders"
+    st,cond,c = app.styled,app.n_classes > 0,SimpleNamespace()
+    with gr.Column(scale=1, min_width=280):
+        c.seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label='seed', elem_id='seed')
+        c.seed_slider = gr.Slider(0, MAX_SEED, value=0, step=1, label='seed (slider)', elem_id='seed-slider')
+        c.random_seed = gr.Button('random seed', size='sm')
+        c.label = gr.Dropdown(app.classes, value=app.classes[0] if cond else None, label='class (conditional model)',
+                              visible=cond, elem_id='label')
+        c.psi = gr.Slider(0, 2, value=0.7, step=0.05, label='truncation psi (1: none, 0: the average image)',
+                          visible=st, elem_id='psi')
+        c.level = gr.Slider(-0.5, 1.5, value=0.5, step=0.01, label='window level (0.5: the training window)', elem_id='level')
+        c.width = gr.Slider(0.05, 2, value=1.0, step=0.01, label='window width (1: the training window)', elem_id='width')
+        with gr.Accordion('latent directions (principal components of w, in standard deviations)', visible=st and app.n_directions > 0):
+            c.amounts = [gr.Slider(-5, 5, value=0, step=0.1, label=f'direction {i+1}', elem_id=f'direction-{i+1}')
+                         for i in range(app.n_directions)]
+            c.reset = gr.Button('reset directions', size='sm')
+    return c
+
+# %% ../nbs/09_app.ipynb #4c3bac01
+def _output_tabs(gr, app:GeneratorApp)->SimpleNamespace:
+    "The right column's tabs: the image with its downloads, a grid, style mixing and interpolation"
+    st,o = app.styled,SimpleNamespace()
+    picture = lambda label, elem_id, **kw: gr.Image(type='pil', format='png', image_mode='L', label=label, elem_id=elem_id,
+                                                    interactive=False, buttons=['download', 'fullscreen'], **kw)
+    with gr.Column(scale=2), gr.Tabs():
+        with gr.Tab('image'):
+            o.image = picture('generated image', 'image', height=384)
+            o.export_btn = gr.Button('prepare downloads: PNG (16-bit) and synthetic DICOM')
+            o.files = gr.File(label='downloads', file_count='multiple', interactive=False, elem_id='downloads')
+        with gr.Tab('grid'):
+            o.n = gr.Slider(1, MAX_GRID, value=16, step=1, label=f'images (seeds from the seed on; at most {MAX_GRID})')
+            o.grid_btn = gr.Button('make grid')
+            o.grid = picture('grid', 'grid')
+        with gr.Tab('style mixing', visible=st):
+            o.seed_fine = gr.Number(1, precision=0, minimum=0, maximum=MAX_SEED, label='seed giving the fine styles')
+            o.crossover = gr.Slider(0, max(app.num_ws, 1), value=app.num_ws // 2, step=1,
+                                    label=f'crossover: first of the {app.num_ws} style layers taken from that seed')
+            o.mix_btn = gr.Button('mix with the seed on the left (coarse styles)')
+            o.mixed = picture('style mix', 'mix')
+        with gr.Tab('interpolation'):
+            o.seed_b = gr.Number(1, precision=0, minimum=0, maximum=MAX_SEED, label='to seed')
+            o.steps = gr.Slider(2, MAX_STEPS, value=8, step=1, label='steps')
+            o.space = gr.Radio(['w', 'z'], value='w' if st else 'z', label='space', visible=st)
+            with gr.Row():
+                o.strip_btn = gr.Button('strip')
+                o.gif_btn = gr.Button('animation')
+            o.strip = picture('interpolation', 'strip')
+            o.animation = gr.Image(type='filepath', label='animation (training window)', elem_id='animation', interactive=False,
+                                   buttons=['download', 'fullscreen'])
+    return o
+
+# %% ../nbs/09_app.ipynb #d10450de
+def _connect(gr, demo, app:GeneratorApp, c:SimpleNamespace, o:SimpleNamespace):
+    "Send the controls `c` to `app`'s methods and their results to the outputs `o`, naming the events scripts call"
+    cond,hidden = app.n_classes > 0,dict(api_visibility='private')
+    view = [c.seed, c.psi, c.level, c.width, *c.amounts]
+    view_names = ['seed', 'psi', 'level', 'width'] + [f'direction_{i+1}' for i in range(len(c.amounts))]
+    L = [c.label] if cond else []  # the class selector feeds every control of a conditional model
+    image_fn,export_fn = _handler(gr, *_labelled(app.image, view_names, cond)),_handler(gr, *_labelled(app.export, view_names, cond))
+    # while a slider is dragged only the latest value is rendered (`always_last`), so requests do not pile up
+    # the number and the slider show the same seed: the slider hands its value over when let go, so a drag cannot loop
+    c.seed.change(lambda s: s, c.seed, c.seed_slider, **hidden, queue=False)
+    c.seed_slider.release(lambda s: s, c.seed_slider, c.seed, **hidden, queue=False)
+    c.random_seed.click(lambda: int(np.random.randint(0, MAX_SEED + 1, dtype=np.int64)), None, c.seed, **hidden, queue=False)
+    c.reset.click(lambda: [0.] * len(c.amounts), None, c.amounts, **hidden, queue=False)
+    gr.on([c.seed.change, c.psi.change, c.level.change, c.width.change, *[a.change for a in c.amounts], *([c.label.change] if cond else [])],
+          image_fn, L + view, o.image, api_name='generate', trigger_mode='always_last')
+    demo.load(image_fn, L + view, o.image, **hidden)  # the first image, as the page opens
+    o.export_btn.click(export_fn, L + view, o.files, api_name='export')
+    handler = lambda fn, k: _handler(gr, *_labelled(fn, _param_names(fn, k), cond) if cond else (fn,))
+    o.grid_btn.click(handler(app.grid, 5), L + [c.seed, o.n, c.psi, c.level, c.width], o.grid, api_name='grid')
+    o.mix_btn.click(handler(app.mix, 6), L + [c.seed, o.seed_fine, o.crossover, c.psi, c.level, c.width], o.mixed, api_name='mix',
+                    **({} if app.styled else hidden))
+    o.strip_btn.click(handler(app.interpolation, 7), L + [c.seed, o.seed_b, o.steps, o.space, c.psi, c.level, c.width], o.strip,
+                      api_name='interpolate')
+    o.gif_btn.click(handler(app.animation, 5), L + [c.seed, o.seed_b, o.steps, o.space, c.psi], o.animation, api_name='animate')
+
+# %% ../nbs/09_app.ipynb #aff5bb56
 def build_app(model, # a model file, run folder or checkpoint, a generator, or a `GeneratorApp`
               device=None, # where to run a model loaded from a file (default: GPU when available)
               n_directions:int=5, # principal directions of `w` as sliders (style-based models)
@@ -285,83 +384,24 @@ def build_app(model, # a model file, run folder or checkpoint, a generator, or a
     "The Gradio page over `model`: seed, truncation, directions, window/level, grid, mixing, interpolation, downloads"
     gr = _gradio()
     app = model if isinstance(model, GeneratorApp) else GeneratorApp(model, device, n_directions)
-    st = app.styled
-    hidden = dict(api_visibility='private')
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         gr.Markdown(f"## {title}\n{app.describe()}")
-        with gr.Row():
-            with gr.Column(scale=1, min_width=280):
-                seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label='seed', elem_id='seed')
-                seed_slider = gr.Slider(0, MAX_SEED, value=0, step=1, label='seed (slider)', elem_id='seed-slider')
-                random_seed = gr.Button('random seed', size='sm')
-                cond = app.n_classes > 0
-                label = gr.Dropdown(app.classes, value=app.classes[0] if cond else None, label='class (conditional model)',
-                                    visible=cond, elem_id='label')
-                psi = gr.Slider(0, 2, value=0.7, step=0.05, label='truncation psi (1: none, 0: the average image)',
-                                visible=st, elem_id='psi')
-                level = gr.Slider(-0.5, 1.5, value=0.5, step=0.01, label='window level (0.5: the training window)', elem_id='level')
-                width = gr.Slider(0.05, 2, value=1.0, step=0.01, label='window width (1: the training window)', elem_id='width')
-                with gr.Accordion('latent directions (principal components of w, in standard deviations)', visible=st and app.n_directions > 0):
-                    amounts = [gr.Slider(-5, 5, value=0, step=0.1, label=f'direction {i+1}', elem_id=f'direction-{i+1}')
-                               for i in range(app.n_directions)]
-                    reset = gr.Button('reset directions', size='sm')
-            with gr.Column(scale=2):
-                with gr.Tabs():
-                    with gr.Tab('image'):
-                        image = gr.Image(type='pil', format='png', image_mode='L', label='generated image', elem_id='image',
-                                         interactive=False, height=384, buttons=['download', 'fullscreen'])
-                        export_btn = gr.Button('prepare downloads: PNG (16-bit) and synthetic DICOM')
-                        files = gr.File(label='downloads', file_count='multiple', interactive=False, elem_id='downloads')
-                    with gr.Tab('grid'):
-                        n = gr.Slider(1, MAX_GRID, value=16, step=1, label=f'images (seeds from the seed on; at most {MAX_GRID})')
-                        grid_btn = gr.Button('make grid')
-                        grid = gr.Image(type='pil', format='png', image_mode='L', label='grid', elem_id='grid', interactive=False, buttons=['download', 'fullscreen'])
-                    with gr.Tab('style mixing', visible=st):
-                        seed_fine = gr.Number(1, precision=0, minimum=0, maximum=MAX_SEED, label='seed giving the fine styles')
-                        crossover = gr.Slider(0, max(app.num_ws, 1), value=app.num_ws // 2, step=1,
-                                              label=f'crossover: first of the {app.num_ws} style layers taken from that seed')
-                        mix_btn = gr.Button('mix with the seed on the left (coarse styles)')
-                        mixed = gr.Image(type='pil', format='png', image_mode='L', label='style mix', elem_id='mix', interactive=False, buttons=['download', 'fullscreen'])
-                    with gr.Tab('interpolation'):
-                        seed_b = gr.Number(1, precision=0, minimum=0, maximum=MAX_SEED, label='to seed')
-                        steps = gr.Slider(2, MAX_STEPS, value=8, step=1, label='steps')
-                        space = gr.Radio(['w', 'z'], value='w' if st else 'z', label='space', visible=st)
-                        with gr.Row():
-                            strip_btn = gr.Button('strip')
-                            gif_btn = gr.Button('animation')
-                        strip = gr.Image(type='pil', format='png', image_mode='L', label='interpolation', elem_id='strip', interactive=False, buttons=['download', 'fullscreen'])
-                        animation = gr.Image(type='filepath', label='animation (training window)', elem_id='animation', interactive=False, buttons=['download', 'fullscreen'])
-        view = [seed, psi, level, width, *amounts]
-        view_names = ['seed', 'psi', 'level', 'width'] + [f'direction_{i+1}' for i in range(len(amounts))]
-        L = [label] if cond else []  # the class selector feeds every control of a conditional model
-        image_fn,export_fn = _handler(gr, *_labelled(app.image, view_names, cond)),_handler(gr, *_labelled(app.export, view_names, cond))
-        # while a slider is dragged only the latest value is rendered (`always_last`), so requests do not pile up
-        # the number and the slider show the same seed: the slider hands its value over when let go, so a drag cannot loop
-        seed.change(lambda s: s, seed, seed_slider, **hidden, queue=False)
-        seed_slider.release(lambda s: s, seed_slider, seed, **hidden, queue=False)
-        random_seed.click(lambda: int(np.random.randint(0, MAX_SEED + 1, dtype=np.int64)), None, seed, **hidden, queue=False)
-        reset.click(lambda: [0.] * len(amounts), None, amounts, **hidden, queue=False)
-        gr.on([seed.change, psi.change, level.change, width.change, *[a.change for a in amounts], *([label.change] if cond else [])],
-              image_fn, L + view, image, api_name='generate', trigger_mode='always_last')
-        demo.load(image_fn, L + view, image, **hidden)
-        export_btn.click(export_fn, L + view, files, api_name='export')
-        handler = lambda fn, k: _handler(gr, *_labelled(fn, _param_names(fn, k), cond) if cond else (fn,))
-        grid_btn.click(handler(app.grid, 5), L + [seed, n, psi, level, width], grid, api_name='grid')
-        mix_btn.click(handler(app.mix, 6), L + [seed, seed_fine, crossover, psi, level, width], mixed, api_name='mix',
-                      **({} if st else hidden))
-        strip_btn.click(handler(app.interpolation, 7), L + [seed, seed_b, steps, space, psi, level, width], strip, api_name='interpolate')
-        gif_btn.click(handler(app.animation, 5), L + [seed, seed_b, steps, space, psi], animation, api_name='animate')
+        with gr.Row(): controls,outputs = _control_panel(gr, app),_output_tabs(gr, app)
+        _connect(gr, demo, app, controls, outputs)
     demo.generator_app = app
     return demo
 
 # %% ../nbs/09_app.ipynb #868362db
-def is_loopback(host:str)->bool:
+def is_loopback(host:str, # a host name or an IPv4/IPv6 address
+               )->bool:
     "Whether `host` names this machine only (localhost, 127.0.0.0/8, ::1)"
     if host.strip().lower() == 'localhost': return True
     try: return ipaddress.ip_address(host.strip('[]')).is_loopback
     except ValueError: return False
 
-def exposure_warning(host:str, port:int)->str|None:
+def exposure_warning(host:str, # the address `serve` listens on
+                     port:int, # its port
+                    )->str|None:
     "The warning `serve` gives for `host`: None on loopback, else who can reach the app"
     if is_loopback(host): return None
     return (f"serving on {host}: anyone who can reach this machine on port {port} can use the app (it has no login); "

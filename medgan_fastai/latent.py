@@ -13,17 +13,18 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from PIL import Image
-from .convert import write_atomic
-from .callbacks import sample_images, image_grid
+from .persist import write_atomic
+from .models import sample_images, image_grid
 
 # %% auto #0
 __all__ = ['is_style', 'exploring', 'seed_latents', 'seed_ws', 'synthesize', 'w_samples', 'class_names', 'label_index',
            'ClassView', 'class_view', 'generate', 'truncation_sweep', 'slerp', 'interpolate', 'interpolation_strip',
            'interpolation_gif', 'style_mix', 'style_mix_grid', 'LatentDirections', 'latent_directions', 'move',
-           'projection_loss', 'Projection', 'project']
+           'projection_loss', 'Projection', 'projection_lr', 'noise_penalty', 'projection_target', 'project']
 
 # %% ../nbs/08_latent.ipynb #78149261
-def is_style(G:nn.Module)->bool:
+def is_style(G:nn.Module, # any generator, or a wrapper or copy of one
+            )->bool:
     "Whether `G` is a style-based generator (it has a `mapping` and a `synthesis` network)"
     return hasattr(G, 'mapping') and hasattr(G, 'synthesis') and hasattr(G, 'num_ws')
 
@@ -94,7 +95,8 @@ def w_samples(G:nn.Module, # a style-based generator
         return torch.cat([G.mapping(z[i:i+bs].to(dev), update_w_avg=False)[:, 0].float().cpu() for i in range(0, n, bs)])
 
 # %% ../nbs/08_latent.ipynb #f1041a1c
-def class_names(G:nn.Module)->str:
+def class_names(G:nn.Module, # a generator, with `vocab` when it is conditional
+               )->str:
     "`': A, B, ...'` for messages: the class names of a conditional generator, when known"
     v = getattr(G, 'vocab', None)
     return f": {', '.join(map(str, v))}" if v else ''
@@ -138,7 +140,9 @@ class ClassView(nn.Module):
         return self.G.style_mix(z_coarse, z_fine, crossover, *args, labels=self._labels(z_coarse), **kwargs)
     def __repr__(self): return f'ClassView({type(self.G).__name__}, class {self.label}{" " + repr(self.vocab[self.label]) if getattr(self, "vocab", None) else ""})'
 
-def class_view(G:nn.Module, label)->nn.Module:
+def class_view(G:nn.Module, # a conditional generator
+               label, # a class index, or a name in `G.vocab`
+              )->nn.Module:
     "`G` fixed to class `label` (an index or a name in `G.vocab`)"
     return ClassView(G, label)
 
@@ -171,7 +175,7 @@ def truncation_sweep(G:nn.Module, # a style-based generator
                      seeds, # one row per seed
                      psis=(-1, -0.5, 0, 0.5, 0.7, 1), # one column per value
                      cutoff:int|None=None, # truncate only the first `cutoff` layers
-                     noise_mode:str='const',
+                     noise_mode:str='const', # noise inputs: 'const', 'random' or 'none'
                      padding:int=2, # pixels between images
                     )->Image.Image:
     "Grid of `seeds` (rows) at each truncation `psi` (columns)"
@@ -203,7 +207,7 @@ def interpolate(G:nn.Module, # a style-based generator (or DCGAN with `space='z'
                 steps:int=8, # images, both ends included
                 space:str='w', # 'w': lerp of the styles; 'z': slerp of the latents
                 psi:float=1.0, # truncation of the styles (style generators)
-                noise_mode:str='const',
+                noise_mode:str='const', # noise inputs: 'const', 'random' or 'none' (style generators)
                )->torch.Tensor: # `(steps, c, h, w)` in [-1, 1], float, CPU
     "Images along the path from `seed_a` to `seed_b` in `w` (lerp) or `z` (slerp)"
     if space not in ('w', 'z'): raise ValueError(f"space must be 'w' or 'z', not {space!r}")
@@ -221,16 +225,25 @@ def interpolate(G:nn.Module, # a style-based generator (or DCGAN with `space='z'
     return synthesize(G, ws, noise_mode)
 
 # %% ../nbs/08_latent.ipynb #244ecb28
-def interpolation_strip(G:nn.Module, seed_a:int, seed_b:int, steps:int=8, space:str='w', psi:float=1.0,
-                        noise_mode:str='const', padding:int=2)->Image.Image:
+def interpolation_strip(G:nn.Module, # a style-based generator (or DCGAN with `space='z'`)
+                        seed_a:int, seed_b:int, # the end points
+                        steps:int=8, # images, both ends included
+                        space:str='w', # 'w': lerp of the styles; 'z': slerp of the latents
+                        psi:float=1.0, # truncation of the styles (style generators)
+                        noise_mode:str='const', # noise inputs: 'const', 'random' or 'none' (style generators)
+                        padding:int=2, # pixels between images
+                       )->Image.Image:
     "`interpolate` as one row of images"
     return image_grid(interpolate(G, seed_a, seed_b, steps, space, psi, noise_mode), nrow=steps, padding=padding)
 
 # %% ../nbs/08_latent.ipynb #48961647
-def interpolation_gif(G:nn.Module, seed_a:int, seed_b:int,
+def interpolation_gif(G:nn.Module, # a style-based generator (or DCGAN with `space='z'`)
+                      seed_a:int, seed_b:int, # the end points
                       path, # the GIF to write
                       steps:int=24, # frames from `seed_a` to `seed_b`
-                      space:str='w', psi:float=1.0, noise_mode:str='const',
+                      space:str='w', # 'w': lerp of the styles; 'z': slerp of the latents
+                      psi:float=1.0, # truncation of the styles (style generators)
+                      noise_mode:str='const', # noise inputs: 'const', 'random' or 'none' (style generators)
                       duration:int=80, # milliseconds per frame
                       scale:int=1, # enlarge the frames (nearest neighbour) for viewing
                       overwrite:bool=False, # replace an existing file
@@ -254,7 +267,8 @@ def style_mix(G:nn.Module, # a style-based generator
               seed_coarse:int, # gives the styles of the layers before `crossover`
               seed_fine:int, # gives the styles from `crossover` on
               crossover:int, # first `w` index (0..num_ws) taken from `seed_fine`
-              psi:float=1.0, noise_mode:str='const',
+              psi:float=1.0, # truncation of both seeds' styles
+              noise_mode:str='const', # noise inputs: 'const', 'random' or 'none'
              )->torch.Tensor: # `(1, c, h, w)` in [-1, 1], float, CPU
     "The image whose coarse styles come from `seed_coarse` and fine styles from `seed_fine`"
     _need_style(G, 'style_mix')
@@ -268,7 +282,8 @@ def style_mix_grid(G:nn.Module, # a style-based generator
                    row_seeds, # left column: these give the coarse styles of their row
                    col_seeds, # top row: these give the fine styles of their column
                    crossover:int|None=None, # first `w` index taken from the column seed (default: `num_ws // 2`)
-                   psi:float=1.0, noise_mode:str='const',
+                   psi:float=1.0, # truncation of every seed's styles
+                   noise_mode:str='const', # noise inputs: 'const', 'random' or 'none'
                    padding:int=2, # pixels between images
                   )->Image.Image:
     "StyleGAN's style-mixing figure: rows give the coarse styles, columns the fine ones"
@@ -321,7 +336,8 @@ def move(G:nn.Module, # a style-based generator
          index:int, # which component
          amounts=(-2, -1, 0, 1, 2), # steps along it, in standard deviations
          layers=None, # `w` indices to move (a range, slice or list; default: all)
-         psi:float=1.0, noise_mode:str='const',
+         psi:float=1.0, # truncation of the seed's styles before the move
+         noise_mode:str='const', # noise inputs: 'const', 'random' or 'none'
         )->torch.Tensor: # `(len(amounts), c, h, w)` in [-1, 1], float, CPU
     "Images of `seed` moved along principal direction `index` by `amounts` standard deviations"
     _need_style(G, 'move')
@@ -354,13 +370,18 @@ class Projection:
     history:list = field(default_factory=list)
     noise:dict|None = None # optimised noise maps by state-dict name (`G.load_state_dict(p.noise, strict=False)` uses them)
 
-# %% ../nbs/08_latent.ipynb #bb53a342
-def _lr_ramp(t, rampdown=0.25, rampup=0.05):
-    "StyleGAN2 projector's schedule: linear warm-up, cosine decay over the last quarter"
+# %% ../nbs/08_latent.ipynb #f98d11b9
+def projection_lr(t:float, # fraction of the optimisation done, 0..1
+                  rampdown:float=0.25, # the last fraction, over which the rate decays (cosine) to 0
+                  rampup:float=0.05, # the first fraction, over which the rate rises linearly from 0
+                 )->float: # a factor of the peak learning rate
+    "The learning-rate factor of StyleGAN2's projector at fraction `t` of the steps"
     r = min(1., (1. - t) / rampdown)
     return (0.5 - 0.5 * math.cos(r * math.pi)) * min(1., t / rampup)
 
-def _noise_penalty(maps):
+# %% ../nbs/08_latent.ipynb #4b9f2a3d
+def noise_penalty(maps, # noise maps `(h, w)`, as `project` optimises them
+                 )->torch.Tensor: # a scalar, 0 for uncorrelated noise
     "StyleGAN2's noise regulariser: squared autocorrelation at shift 1 at every scale down to 8x8"
     loss = 0.
     for v in maps:
@@ -371,6 +392,22 @@ def _noise_penalty(maps):
             x = F.avg_pool2d(x, 2)
     return loss
 
+# %% ../nbs/08_latent.ipynb #d6c23586
+def projection_target(G:nn.Module, # a style-based generator
+                      target, # `(c, h, w)`, `(1, c, h, w)` or `(h, w)` in [-1, 1], at `G`'s size (tensor or array)
+                     )->torch.Tensor: # `(1, c, h, w)` float, a plain tensor
+    "`target` as the one image `project` fits, or a `ValueError` that says what to fix"
+    target = (target.as_subclass(torch.Tensor) if isinstance(target, torch.Tensor) else torch.as_tensor(target)).float()  # plain tensor: fastai types or numpy in
+    if target.ndim == 2: target = target[None]
+    if target.ndim == 3: target = target[None]
+    want = (1, G.n_channels, G.size, G.size)
+    if tuple(target.shape) != want:
+        raise ValueError(f'target has shape {tuple(target.shape)}, the generator makes {want[1:]}: resize or window it first')
+    if target.min() < -1.01 or target.max() > 1.01:
+        raise ValueError(f'target values span [{target.min():.3g}, {target.max():.3g}]: scale them to [-1, 1] first')
+    return target
+
+# %% ../nbs/08_latent.ipynb #bb53a342
 def project(G:nn.Module, # a style-based generator
             target:torch.Tensor, # `(c, h, w)`, `(1, c, h, w)` or `(h, w)` in [-1, 1], at `G`'s size
             steps:int=200, # optimisation steps
@@ -384,14 +421,7 @@ def project(G:nn.Module, # a style-based generator
            )->Projection:
     "Find `w` whose image matches `target` with `projection_loss`, starting at the average `w`"
     _need_style(G, 'project')
-    target = (target.as_subclass(torch.Tensor) if isinstance(target, torch.Tensor) else torch.as_tensor(target)).float()  # plain tensor: fastai types or numpy in
-    if target.ndim == 2: target = target[None]
-    if target.ndim == 3: target = target[None]
-    want = (1, G.n_channels, G.size, G.size)
-    if tuple(target.shape) != want:
-        raise ValueError(f'target has shape {tuple(target.shape)}, the generator makes {want[1:]}: resize or window it first')
-    if target.min() < -1.01 or target.max() > 1.01:
-        raise ValueError(f'target values span [{target.min():.3g}, {target.max():.3g}]: scale them to [-1, 1] first')
+    target = projection_target(G, target)
     dev = _device(G)
     ws_stats = w_samples(G, n_avg, seed).to(dev)
     w_avg = ws_stats.mean(0)
@@ -407,11 +437,11 @@ def project(G:nn.Module, # a style-based generator
     with exploring(g, grad=True):
         for step in range(steps):
             t = step / steps
-            for pg in opt.param_groups: pg['lr'] = lr * _lr_ramp(t)
+            for pg in opt.param_groups: pg['lr'] = lr * projection_lr(t)
             w_noise = torch.randn(w.shape, generator=gen, device=dev) * w_std * initial_noise_factor * max(0., 1 - t / 0.75) ** 2
             img = g.synthesis((w + w_noise).expand(1, G.num_ws, -1), noise_mode='const')
             loss = projection_loss(img, target)
-            if noise: loss = loss + noise_weight * _noise_penalty(noise.values())
+            if noise: loss = loss + noise_weight * noise_penalty(noise.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -13,11 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import matplotlib.pyplot as plt
 from fastcore.basics import store_attr, patch
-from .convert import write_atomic
+from .persist import write_atomic
 
 # %% auto #0
 __all__ = ['MSSSIM_BETAS', 'image_batch', 'laplacian_pyramid', 'swd', 'blobs', 'msssim_setting', 'msssim_diversity',
-           'RandomConvEmbedding', 'image_features', 'precision_recall', 'MemorisationAudit', 'memorisation_audit']
+           'RandomConvEmbedding', 'image_features', 'precision_recall', 'MemorisationAudit', 'save_figure',
+           'memorisation_audit']
 
 # %% ../nbs/07a_metrics.ipynb #e8177621
 def image_batch(x, # images: float (n, c, h, w) in [-1, 1], uint8 0..255, or (n, h, w) grayscale
@@ -235,12 +236,16 @@ class MemorisationAudit:
 
     def __repr__(self): return f'{type(self).__name__}({self.summary()})'
 
-# %% ../nbs/07a_metrics.ipynb #0081bfe3
-def _save_png(fig, fname, overwrite):
-    "Write `fig` to `fname` atomically; an existing file is an error unless `overwrite`"
+# %% ../nbs/07a_metrics.ipynb #673656ca
+def save_figure(fig, # a matplotlib figure
+                fname, # the PNG to write
+                overwrite:bool=False, # replace an existing `fname`
+               ):
+    "Write `fig` to `fname` as a PNG atomically; an existing file is a `FileExistsError` unless `overwrite`"
     if not write_atomic(fname, lambda p: fig.savefig(p, format='png', dpi=100, bbox_inches='tight'), overwrite):
         raise FileExistsError(f'{fname}: exists; pass overwrite=True to replace it')
 
+# %% ../nbs/07a_metrics.ipynb #0081bfe3
 def _show_slice(ax, x, title):
     img = (x.clamp(-1, 1) + 1) / 2
     ax.imshow(img[0] if len(img) == 1 else img.permute(1, 2, 0), cmap='gray', vmin=0, vmax=1)
@@ -260,7 +265,7 @@ def show_pairs(self:MemorisationAudit,
         _show_slice(axs[0, col], self.samples[s], f'sample {s}\nd={d:.3f}' + (' COPY' if self.copies[s] else ''))
         _show_slice(axs[1, col], self.train[t], f'train {t}')
     fig.suptitle(f'closest pairs ({self.space} space), copy rate {self.copy_rate:.1%}', fontsize=9)
-    if fname is not None: _save_png(fig, fname, overwrite)
+    if fname is not None: save_figure(fig, fname, overwrite)
     return fig
 
 @patch
@@ -276,7 +281,7 @@ def show_distances(self:MemorisationAudit,
     ax.hist(self.nn_distance.numpy(), bins, alpha=0.6, density=True, label='sample to train')
     ax.axvline(self.threshold, color='k', ls='--', label=f'copy threshold ({self.quantile:.0%} quantile)')
     ax.set_xlabel(f'nearest-neighbour distance ({self.space})'); ax.legend(fontsize=7)
-    if fname is not None: _save_png(fig, fname, overwrite)
+    if fname is not None: save_figure(fig, fname, overwrite)
     return fig
 
 # %% ../nbs/07a_metrics.ipynb #6bfbfd61

@@ -6,20 +6,23 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/scoring.html.md"""
 
 # %% ../nbs/07b_scoring.ipynb #11329556
 from __future__ import annotations
-import math, socket, warnings
+import contextlib, math, socket, warnings
 from pathlib import Path
 import torch
 import torch.nn as nn
 import matplotlib.pyplot as plt
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, patch
 from fastai.callback.core import Callback
 from fastai.learner import Metric
 from .metrics import *
-from .metrics import _save_png
+from .models import sample_images
+from .persist import rng_state, set_rng_state
+from .callbacks import sampling_generator
 
 # %% auto #0
 __all__ = ['INCEPTION_URL', 'METRICS', 'inception_cache_file', 'InceptionWeightsError', 'inception_weights_file',
-           'inception_network', 'inception_input', 'inception_metrics', 'metric_keys', 'evaluate', 'MetricsCallback']
+           'inception_network', 'inception_input', 'inception_metrics', 'metric_keys', 'evaluate', 'preserved_rng',
+           'MetricsCallback']
 
 # %% ../nbs/07b_scoring.ipynb #d473ee94
 INCEPTION_URL = 'https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth'
@@ -66,7 +69,8 @@ def inception_network(inception_weights=None, # a local weights file (see `incep
     try: return FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'], feature_extractor_weights_path=str(path))
     except Exception as e: raise InceptionWeightsError(path, f'not usable Inception weights ({type(e).__name__}: {e})') from None
 
-def inception_input(images)->torch.Tensor:
+def inception_input(images, # `(n, c, h, w)` in [-1, 1] (see `image_batch` for other forms)
+                   )->torch.Tensor: # uint8 `(n, 3, h, w)`
     "`images` in [-1, 1] as the uint8 RGB Inception reads: rounded to 0..255, grayscale repeated to 3 channels"
     x = ((image_batch(images).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
@@ -177,7 +181,16 @@ def evaluate(fake, # generated images (n, c, h, w) in [-1, 1]
     if inc: res.update(inception_metrics(fake, real, inc, inception_weights, inception_feature, seed=seed))
     return {k_: float(v) for k_, v in res.items()}
 
-# %% ../nbs/07b_scoring.ipynb #c78c9be7
+# %% ../nbs/07b_scoring.ipynb #83bfaec2
+@contextlib.contextmanager
+def preserved_rng(learn=None, # a learner whose training loader's shuffling RNG is kept too
+                 ):
+    "Context: code inside may draw random numbers; every RNG a training run depends on is put back on exit"
+    state = rng_state(learn)
+    try: yield
+    finally: set_rng_state(state, learn)
+
+# %% ../nbs/07b_scoring.ipynb #b38e54c5
 class _EpochValue(Metric):
     "One number of `MetricsCallback`'s latest evaluation, shown by the Recorder as a column"
     def __init__(self, cb, key): self.cb, self.key = cb, key
@@ -196,6 +209,7 @@ class MetricsCallback(Callback):
                  batch_size:int=64, # samples per generator call
                  **kwargs): # passed to `evaluate`
         store_attr(but='kwargs'); self.kwargs, self.history, self.values, self._fitting = kwargs, [], {}, False
+        self.real = self.real_labels = None
 
     @property
     def name(self): return 'metrics_callback'  # fastai's default, 'metrics', would replace `learn.metrics`
@@ -203,31 +217,11 @@ class MetricsCallback(Callback):
     @property
     def generator(self):
         "The generator to score: the EMA copy when there is one"
-        return getattr(self.learn, 'ema_generator', None) or self.learn.model.generator
-
-    def _real_slices(self):
-        real, got = [], 0
-        for b in self.learn.dls.train:
-            real.append(b[-1].detach().float().cpu()); got += len(real[-1])
-            if got >= self.n: break
-        if not real: raise ValueError('MetricsCallback: the training DataLoader yielded no batches')
-        self._noise_item = b[0].shape[1:]
-        return torch.cat(real)[:self.n]
-
-    def sample(self)->torch.Tensor:
-        "`n` images from the generator for the fixed noise, in eval mode (its mode is restored)"
-        g = self.generator
-        shape = (g.z_dim,) if hasattr(g, 'z_dim') else tuple(self._noise_item)
-        z = torch.randn(self.n, *shape, generator=torch.Generator().manual_seed(self.seed))
-        dev = next(g.parameters()).device
-        was_training = g.training
-        g.eval()
-        try:
-            with torch.no_grad(): return torch.cat([g(z[i:i + self.batch_size].to(dev)).float().cpu() for i in range(0, self.n, self.batch_size)])
-        finally: g.train(was_training)
+        return sampling_generator(self.learn)
 
     def before_fit(self):
-        self.real, self.values, self._fitting = self._real_slices(), {}, True
+        with preserved_rng(self.learn): self.real, self.real_labels = self.real_slices()
+        self.values, self._fitting = {}, True
         self._columns = [_EpochValue(self, k) for k in metric_keys(self.metrics, min(self.real.shape[-2:]))]
         self.learn.metrics = list(self.learn.metrics) + self._columns  # before the Recorder (order 50) reads the names
 
@@ -237,7 +231,7 @@ class MetricsCallback(Callback):
         if not self._fitting: return
         self.values = {}
         if (self.epoch + 1) % self.every: return
-        self.values = evaluate(self.sample(), self.real, self.metrics, seed=self.seed, **self.kwargs)
+        with preserved_rng(self.learn): self.values = evaluate(self.sample(), self.real, self.metrics, seed=self.seed, **self.kwargs)
         self.history.append(dict(epoch=self.epoch, **self.values))
         if self.chart is not None: plt.close(self.plot(self.chart, overwrite=True))
 
@@ -249,17 +243,55 @@ class MetricsCallback(Callback):
     def checkpoint_state(self): return dict(history=[dict(h) for h in self.history])
     def load_checkpoint_state(self, d): self.history = [dict(h) for h in d['history']]
 
-    def plot(self, fname=None, # PNG to write as well
-             overwrite:bool=False, # replace an existing `fname`
-            ):
-        "Chart every metric of `history` against the epoch"
-        keys = [k for k in (self.history[0] if self.history else {}) if k != 'epoch']
-        cols = min(4, max(1, len(keys))); rows = max(1, math.ceil(len(keys) / cols))
-        fig, axs = plt.subplots(rows, cols, figsize=(3 * cols, 2.4 * rows), squeeze=False)
-        for ax in axs.flat[len(keys):]: ax.axis('off')
-        for ax, k in zip(axs.flat, keys):
-            ax.plot([h['epoch'] for h in self.history], [h[k] for h in self.history], marker='o')
-            ax.set_title(k, fontsize=9); ax.set_xlabel('epoch')
-        fig.tight_layout()
-        if fname is not None: _save_png(fig, fname, overwrite)
-        return fig
+# %% ../nbs/07b_scoring.ipynb #064aee3b
+@patch
+def real_slices(self:MetricsCallback)->tuple: # (images `(n, c, h, w)`, class labels `(n,)` or None), on the CPU
+    "The first `n` slices the training loader yields, with their classes when the batches carry labels"
+    images, labels, got = [], [], 0
+    for b in self.learn.dls.train:  # (noise, real) or, on conditional data, (noise, real, labels)
+        images.append(b[1].as_subclass(torch.Tensor).detach().float().cpu())
+        if len(b) > 2: labels.append(b[2].as_subclass(torch.Tensor).detach().long().cpu())
+        got += len(images[-1])
+        if got >= self.n: break
+    if not images: raise ValueError('MetricsCallback: the training DataLoader yielded no batches')
+    return torch.cat(images)[:self.n], torch.cat(labels)[:self.n] if labels else None
+
+# %% ../nbs/07b_scoring.ipynb #86a7eb21
+@patch
+def fixed_noise(self:MetricsCallback)->torch.Tensor: # `(n, z_dim)`, or `n` of the training batches' noise items
+    "The noise every evaluation starts from, drawn from its own generator seeded with `seed`"
+    g = self.generator
+    if hasattr(g, 'z_dim'): shape = (g.z_dim,)
+    else:  # fastai's generators take the noise the batches carry
+        with preserved_rng(self.learn): shape = tuple(self.learn.dls.train.one_batch()[0].shape[1:])
+    return torch.randn(self.n, *shape, generator=torch.Generator().manual_seed(self.seed))
+
+@patch
+def sample_labels(self:MetricsCallback)->torch.Tensor|None: # `(n,)` class indices, None for an unconditional generator
+    "The class of each sample: sample `i` takes the class of real slice `i`"
+    if not getattr(self.generator, 'n_classes', 0): return None
+    if self.real_labels is None: raise ValueError('MetricsCallback: a conditional generator needs batches (noise, real, labels)')
+    return self.real_labels.repeat(math.ceil(self.n / len(self.real_labels)))[:self.n]
+
+@patch
+def sample(self:MetricsCallback)->torch.Tensor: # `(n, c, h, w)` in [-1, 1], on the CPU
+    "`n` images from the generator for the fixed noise (and classes), in eval mode; its mode and the RNGs are restored"
+    with preserved_rng(self.learn):
+        return sample_images(self.generator, self.fixed_noise(), self.batch_size, labels=self.sample_labels())
+
+# %% ../nbs/07b_scoring.ipynb #b2725178
+@patch
+def plot(self:MetricsCallback, fname=None, # PNG to write as well
+         overwrite:bool=False, # replace an existing `fname`
+        ):
+    "Chart every metric of `history` against the epoch"
+    keys = [k for k in (self.history[0] if self.history else {}) if k != 'epoch']
+    cols = min(4, max(1, len(keys))); rows = max(1, math.ceil(len(keys) / cols))
+    fig, axs = plt.subplots(rows, cols, figsize=(3 * cols, 2.4 * rows), squeeze=False)
+    for ax in axs.flat[len(keys):]: ax.axis('off')
+    for ax, k in zip(axs.flat, keys):
+        ax.plot([h['epoch'] for h in self.history], [h[k] for h in self.history], marker='o')
+        ax.set_title(k, fontsize=9); ax.set_xlabel('epoch')
+    fig.tight_layout()
+    if fname is not None: save_figure(fig, fname, overwrite)
+    return fig

@@ -1,11 +1,11 @@
 "The web app in three layers: its pure functions, its API through `gradio_client`, and the page in headless Chromium."
-import io, shutil, socket, warnings
+import io, shutil, socket, subprocess, sys, warnings
 from pathlib import Path
 import numpy as np, pydicom, pytest, torch
 from PIL import Image
 from medgan_fastai.style import StyleGenerator
 from medgan_fastai.models import DCGANGenerator
-from medgan_fastai.learner import save_generator, load_generator
+from medgan_fastai.persist import save_generator, load_generator
 from medgan_fastai.latent import generate, style_mix, interpolate, move
 from medgan_fastai.app import *
 
@@ -113,8 +113,14 @@ def test_exposure_warning():
     assert exposure_warning('::1', 1) is None
     assert '0.0.0.0' in exposure_warning('0.0.0.0', 7860) and exposure_warning('10.1.2.3', 80)
 
+def test_app_does_not_import_the_training_stack():
+    "The app serves a generator file: it must not pay for, or depend on, fastai's Learner and our training callbacks"
+    code = ("import sys, medgan_fastai.app; "
+            "print([m for m in ('fastai.learner', 'medgan_fastai.learner', 'medgan_fastai.callbacks') if m in sys.modules])")
+    assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip() == '[]'
+
 def test_bad_model_file_names_it(tmp_path):
-    from medgan_fastai.callbacks import CheckpointError
+    from medgan_fastai.persist import CheckpointError
     bad = tmp_path/'generator.pth'
     bad.write_bytes(b'not a model')
     with pytest.raises(CheckpointError, match='generator.pth'): GeneratorApp(bad)

@@ -1,11 +1,10 @@
 "Latent-space tools: seeds, truncation, interpolation, style mixing, GANSpace directions, projection; none of them may change the model or the global RNG."
-import random
+import random, subprocess, sys
 import numpy as np, pytest, torch
 import torch.nn.functional as F
 from PIL import Image
 from medgan_fastai.style import StyleGenerator
-from medgan_fastai.models import DCGANGenerator
-from medgan_fastai.callbacks import image_grid
+from medgan_fastai.models import DCGANGenerator, image_grid
 from medgan_fastai.latent import *
 
 SIZE = 32
@@ -171,6 +170,15 @@ def test_projection_rejects_bad_targets(G):
     with pytest.raises(ValueError, match=r'\[-1, 1\]'): project(G, torch.full((1, SIZE, SIZE), 255.), steps=1)
     assert project(G, torch.zeros(SIZE, SIZE), steps=2).image.shape == (1, 1, SIZE, SIZE)  # a bare (h, w) slice
 
+def test_projection_schedule_and_noise_penalty():
+    assert projection_lr(0) == 0 and projection_lr(0.5) == 1 and abs(projection_lr(1)) < 1e-12
+    lrs = [projection_lr(i / 100) for i in range(101)]
+    assert lrs[:6] == sorted(lrs[:6]) and lrs[75:] == sorted(lrs[75:], reverse=True)  # warm-up, then cosine decay
+    g = torch.Generator().manual_seed(0)
+    white = torch.randn(64, 64, generator=g)
+    smooth = F.interpolate(torch.randn(1, 1, 8, 8, generator=g), size=64, mode='bilinear')[0, 0]
+    assert noise_penalty([white]) < 1e-3 < noise_penalty([smooth / smooth.std()])
+
 def test_style_only_tools_refuse_dcgan(D):
     for f in (lambda: style_mix(D, 1, 2, 1), lambda: style_mix_grid(D, [1], [2]), lambda: truncation_sweep(D, [1]),
               lambda: latent_directions(D), lambda: project(D, torch.zeros(1, SIZE, SIZE)), lambda: seed_ws(D, 1)):
@@ -212,3 +220,9 @@ def test_on_the_gpu_seeds_give_the_same_images(G):
     assert torch.allclose(interpolate(g, 1, 2, 3)[[0, -1]], generate(G, [1, 2]), atol=1e-3)
     p = project(g, generate(G, [11]), steps=50)
     assert p.image.device.type == 'cpu' and p.error < float(F.mse_loss(generate(G, [12]), generate(G, [11])))
+
+def test_latent_does_not_import_the_training_stack():
+    "Loading and exploring a generator must not pay for, or depend on, fastai's Learner and our training callbacks"
+    code = ("import sys, medgan_fastai.latent; "
+            "print([m for m in ('fastai.learner', 'medgan_fastai.learner', 'medgan_fastai.callbacks') if m in sys.modules])")
+    assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip() == '[]'

@@ -215,10 +215,10 @@ def test_metrics_callback_sampling_fixed_mode_restored_ema():
     g.train()
     a, b = cb.sample(), cb.sample()
     assert g.training and torch.equal(a, b) and a.shape == (10, 1, 32, 32)
-    learn.ema_generator = copy.deepcopy(g)
+    learn.gan_state.ema = copy.deepcopy(g)
     with torch.no_grad():
-        for p in learn.ema_generator.parameters(): p.mul_(0.5)
-    assert cb.generator is learn.ema_generator and not torch.equal(cb.sample(), a)
+        for p in learn.gan_state.ema.parameters(): p.mul_(0.5)
+    assert cb.generator is learn.gan_state.ema and not torch.equal(cb.sample(), a)
 
 def test_metrics_callback_history_survives_a_checkpoint(mr_dir, tmp_path):
     from medgan_fastai.data import gan_dls
@@ -251,3 +251,57 @@ def test_checkpoint_of_fastais_own_gan_learner(tmp_path):
     s1, s2 = learn.opt.state_dict(), learn2.opt.state_dict()
     assert list(s1['hypers']) == list(s2['hypers']) and type(s2['hypers']) is type(s1['hypers'])
     learn2.fit(1, 1e-4)  # and training goes on from it
+
+# --- the callback on our own learner: conditional data, and training left exactly as it would be without it
+
+@pytest.fixture(scope='module')
+def mr_by_position(mr_dir, tmp_path_factory):
+    "Conditional data: the 140 MR slices at 32 px, labelled by head position (4 classes); batches are (noise, real, labels)"
+    from medgan_fastai.data import gan_dls
+    return gan_dls(mr_dir, size=32, bs=16, label='folder', cache_dir=tmp_path_factory.mktemp('cache'), progress=False, verbose=False)
+
+def test_metrics_callback_reals_are_the_images_not_the_labels(mr_by_position):
+    "Bug: on (noise, real, labels) batches the callback took the label tensor as its real slices"
+    from medgan_fastai.learner import gan_learner
+    cb = MetricsCallback(n=40, metrics=('swd',))
+    learn = gan_learner(mr_by_position, arch='dcgan', seed=0, cbs=[cb])
+    cb.before_fit()
+    try:
+        assert cb.real.shape == (40, 1, 32, 32) and cb.real.dtype == torch.float32
+        assert cb.real.min() >= -1 and cb.real.max() <= 1 and cb.real.unique().numel() > 100  # slices, not class indices
+        assert cb.real_labels.shape == (40,) and set(cb.real_labels.tolist()) <= set(range(4))
+    finally: cb.after_fit()
+
+def test_metrics_callback_generates_each_class_as_often_as_the_reals(mr_by_position):
+    "Bug: the callback called a conditional generator without labels; each sample now takes the class of the real slice at its index"
+    from medgan_fastai.learner import gan_learner
+    from medgan_fastai.callbacks import sampling_generator
+    cb = MetricsCallback(n=40, metrics=('swd',), batch_size=16)
+    learn = gan_learner(mr_by_position, arch='dcgan', seed=0, cbs=[cb])
+    learn.fit(1)
+    assert [h['epoch'] for h in cb.history] == [0] and math.isfinite(cb.history[0]['swd'])
+    seen = []
+    hook = sampling_generator(learn).register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get('labels')), with_kwargs=True)
+    try: s = cb.sample()
+    finally: hook.remove()
+    assert s.shape == (40, 1, 32, 32) and len(seen) == 3 and all(l is not None for l in seen)
+    assert torch.equal(torch.cat(seen).cpu(), cb.real_labels) and len(set(cb.real_labels.tolist())) > 1
+
+@pytest.mark.parametrize('arch', ['dcgan', 'style'])
+def test_metrics_callback_leaves_training_bit_identical(mr_dir, tmp_path, arch):
+    "Bug: collecting reals and sampling drew from the training's RNGs, so scoring changed the run it scored"
+    from medgan_fastai.data import gan_dls
+    from medgan_fastai.learner import gan_learner
+    dls = gan_dls(mr_dir/'HFS', size=32, bs=16, cache_dir=tmp_path/'cache', progress=False, verbose=False)
+    small = dict(channel_base=256, channel_max=64) if arch == 'style' else None
+    def run(cbs):
+        learn = gan_learner(dls, arch=arch, seed=0, g_kwargs=small, c_kwargs=small, cbs=cbs)
+        learn.fit(2)
+        return learn
+    plain, scored = run([]), run([MetricsCallback(n=16, metrics=('swd', 'msssim'), n_pairs=20)])
+    assert len(scored.metrics_callback.history) == 2
+    def tensors(m): return dict(list(m.named_parameters()) + list(m.named_buffers()))
+    for name, a, b in [('generator', plain.model.generator, scored.model.generator), ('critic', plain.model.critic, scored.model.critic),
+                       ('ema', plain.gan_state.ema, scored.gan_state.ema)]:
+        ta, tb = tensors(a), tensors(b)
+        assert list(ta) == list(tb) and all(torch.equal(ta[k], tb[k]) for k in ta), name
