@@ -8,10 +8,12 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/learner.html.md"""
 from __future__ import annotations
 import math, warnings
 from functools import partial
+from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
 from fastcore.basics import store_attr, patch
+from fastcore.foundation import L
 from fastai.callback.core import Callback, CancelBackwardException, CancelStepException
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
@@ -345,7 +347,7 @@ def gan_learner(dls, # from `data.gan_dls`: batches of (noise, images in [-1, 1]
     if n_classes is None: n_classes = len(dls.vocab) if len(b) > 2 else 0  # (noise, real, label): conditional
     g,c = gan_models(arch, b[1].shape[-1], b[1].shape[1], getattr(dls, 'z_dim', b[0].shape[1]), d['loss'],
                      pick(spectral_norm, 'spectral_norm'), n_classes, g_kwargs, c_kwargs)
-    generator,critic,cbs = generator or g, critic or c, list(cbs or [])
+    generator,critic,cbs = generator or g, critic or c, list(L(cbs))  # one callback or several, as fastai takes them
     if augment:
         critic = AugmentedCritic(critic, DiffAugment('translation,cutout,color' if augment == 'ada' else augment,
                                                      p=0. if augment == 'ada' else 1.))
