@@ -6,7 +6,7 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/app.html.md"""
 
 # %% ../nbs/09_app.ipynb #b4382b7a
 from __future__ import annotations
-import functools, inspect, ipaddress, math, os, shutil, tempfile, threading, uuid, warnings
+import atexit, functools, inspect, ipaddress, logging, math, os, re, shutil, signal, tempfile, threading, uuid, warnings
 from pathlib import Path
 from types import SimpleNamespace
 import numpy as np, torch
@@ -19,8 +19,9 @@ from .latent import is_style, seed_ws, synthesize, generate, style_mix, latent_d
 from .latent import interpolate, interpolation_gif, class_view, label_index
 
 # %% auto #0
-__all__ = ['MAX_SEED', 'MAX_GRID', 'MAX_STEPS', 'check_range', 'display_window', 'window_picture', 'GeneratorApp', 'build_app',
-           'is_loopback', 'exposure_warning', 'serve']
+__all__ = ['MAX_SEED', 'MAX_GRID', 'MAX_STEPS', 'APP_FOLDER_PREFIX', 'OWNER_FILE', 'check_range', 'display_window',
+           'window_picture', 'GeneratorApp', 'remove_stale_app_folders', 'app_folder', 'build_app', 'is_loopback',
+           'exposure_warning', 'serve']
 
 # %% ../nbs/09_app.ipynb #28a1220e
 MAX_SEED = 2**32 - 1
@@ -67,7 +68,7 @@ class GeneratorApp:
     def __init__(self, model, # a model file, a run folder or checkpoint (see `load_generator`), or a generator
                  device=None, # where to run it (default: GPU when available; a generator passed in stays where it is)
                  n_directions:int=5, # principal directions of `w` offered as sliders (style-based models)
-                 out_dir=None, # where downloads are written (default: a new temporary folder)
+                 out_dir=None, # where downloads are written (default: a new folder of its own, see `app_folder`)
                  keep_exports:int=32, # exports kept in `out_dir`; older ones are deleted
                 ):
         # a generator passed in keeps its train/eval mode: the latent tools switch to eval only while they run
@@ -78,11 +79,13 @@ class GeneratorApp:
         # a conditional model: its classes (names from training) and one view of the generator per class, made when asked for
         self.n_classes = getattr(self.G, 'n_classes', 0)
         self.classes = [str(v) for v in (getattr(self.G, 'vocab', None) or range(self.n_classes))]
+        # names the user wrote (a label map) may go into downloads; names read from a tag (PatientName...) may not
+        self.user_classes = isinstance(self.info.get('label_map'), dict) and bool(self.info['label_map'])
         self._views,self._directions = {},{}
         G0 = class_view(self.G, 0) if self.n_classes else self.G
         self.directions = latent_directions(G0, k=min(n_directions, self.G.w_dim)) if self.styled and n_directions else None
         self.n_directions = len(self.directions) if self.directions is not None else 0
-        self.out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix='medgan_app_'))
+        self.out_dir = Path(out_dir) if out_dir is not None else app_folder()
         self.keep_exports,self.lock = keep_exports,threading.Lock()
 
     def __repr__(self):
@@ -236,8 +239,10 @@ def export(self:GeneratorApp, seed, psi=0.7, level=0.5, width=1.0, *amounts, lab
     "Write the image of `seed` (as `image` shows it) as a 16-bit PNG and a synthetic DICOM file"
     seed,psi,level,width = self._controls(seed, psi, level, width)
     imgs = self.images(seed, psi, amounts, label=label)
-    cls = self.classes[self._gen(label).label] if self.n_classes else None
-    name = f"medgan_seed{seed}" + (f"_psi{psi:g}" if self.styled else '') + (f"_{''.join(c if c.isalnum() or c in '._-' else '-' for c in cls)}" if cls else '')
+    k = self._gen(label).label if self.n_classes else None
+    cls = None if k is None else self.classes[k] if self.user_classes else str(k)
+    tag = '' if cls is None else '_' + ''.join(c if c.isalnum() or c in '._-' else '-' for c in cls) if self.user_classes else f'_class{k}'
+    name = f"medgan_seed{seed}" + (f"_psi{psi:g}" if self.styled else '') + tag
     folder = self._export_folder()
     png = folder/f'{name}.png'
     save_slice(((display_window(imgs, level, width)[0, 0] + 1) / 2).numpy(), png, bits=16)
@@ -247,7 +252,77 @@ def export(self:GeneratorApp, seed, psi=0.7, level=0.5, width=1.0, *amounts, lab
                                 window=(level * 65535, width * 65535))
     return [str(png), str(dcm)]
 
+# %% ../nbs/09_app.ipynb #d78d212c
+APP_FOLDER_PREFIX,OWNER_FILE = 'medgan_app_','owner.pid'
+
+def _process_start(pid:int)->str:
+    "When process `pid` started, in clock ticks after boot (from /proc; '-' when unknown)"
+    try: return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]
+    except (OSError, IndexError): return '-'
+
+def _owner_tag(pid:int)->str:
+    "What `OWNER_FILE` holds for process `pid`: the pid, its start and this process's pid namespace"
+    try: ns = os.readlink('/proc/self/ns/pid')
+    except OSError: ns = '-'
+    return f'{pid} {_process_start(pid)} {ns}'
+
+def _owner_ended(folder:Path)->bool:
+    "Whether `folder` is an app folder of this user whose owner process has certainly ended"
+    try:
+        if os.name != 'posix' or folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid(): return False
+        pid,start,ns = (folder/OWNER_FILE).read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError): return False  # no owner file, or not one of ours: not ours to remove
+    if pid <= 0 or ns != _owner_tag(os.getpid()).split()[2]: return False
+    try: os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError: return True
+    except OSError: return False  # it runs, as another user
+    now = _process_start(pid)
+    return '-' not in (start, now) and now != start  # the pid now belongs to a newer process
+
+def remove_stale_app_folders(root=None, # where to look (default: the system's temporary folder)
+                            )->list: # the folders removed
+    "Remove the app folders under `root` left by app processes that no longer run"
+    stale = [p for p in sorted(Path(root or tempfile.gettempdir()).glob(f'{APP_FOLDER_PREFIX}*')) if _owner_ended(p)]
+    for p in stale: shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+# %% ../nbs/09_app.ipynb #95b17f5d
+_OWN_FOLDERS = {}  # folder -> pid of the process that made it
+
+def _remove_own_folders():
+    for p,pid in list(_OWN_FOLDERS.items()):
+        if pid == os.getpid(): shutil.rmtree(p, ignore_errors=True); _OWN_FOLDERS.pop(p, None)
+
+def _remove_then_end(signum, frame):
+    "Signal handler: remove this process's app folders, then end as the signal does by default"
+    _remove_own_folders()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+@functools.cache
+def _remove_at_exit():
+    atexit.register(_remove_own_folders)
+    if threading.current_thread() is not threading.main_thread(): return  # only the main thread may set handlers
+    for s in (signal.SIGTERM, getattr(signal, 'SIGHUP', None)):
+        if s is not None and signal.getsignal(s) == signal.SIG_DFL: signal.signal(s, _remove_then_end)
+
+def app_folder(root=None, # where to make it (default: the system's temporary folder)
+              )->Path:
+    "A new folder for this process's downloads, removed when the process ends; stale ones are removed first"
+    root = Path(root or tempfile.gettempdir())
+    remove_stale_app_folders(root)
+    folder = Path(tempfile.mkdtemp(prefix=APP_FOLDER_PREFIX, dir=root))
+    (folder/OWNER_FILE).write_text(_owner_tag(os.getpid()) + '\n')
+    _OWN_FOLDERS[folder] = os.getpid()
+    _remove_at_exit()
+    return folder
+
 # %% ../nbs/09_app.ipynb #58a4516f
+_PATH = re.compile(r"[^\s'\"\[\](),;]*[\\/][^\s'\"\[\](),;]*")  # a word with a slash in it
+
+def _last_parts(text:str)->str: return _PATH.sub(lambda m: re.split(r'[\\/]', m[0].rstrip('\\/'))[-1] or m[0], text)
+
 @patch
 def describe(self:GeneratorApp)->str:
     "A Markdown line about the model: architecture, size, styles, training window and other saved info"
@@ -256,7 +331,7 @@ def describe(self:GeneratorApp)->str:
              f"{getattr(self.G, 'n_channels', 1)} channel(s), on {next(self.G.parameters()).device}"]
     if self.styled: parts.append(f"{self.num_ws} style layers, {self.n_directions} principal directions of w")
     if self.n_classes: parts.append(f"conditional: {self.n_classes} classes ({', '.join(self.classes[:8])}{', ...' if self.n_classes > 8 else ''})")
-    parts += [f"{k}: {v}" for k,v in self.info.items() if v not in (None, '', [], {}) and k != 'vocab']
+    parts += [f"{k}: {_last_parts(str(v))}" for k,v in self.info.items() if v not in (None, '', [], {}) and k not in ('vocab', 'label_map')]
     return ' · '.join(parts) + " · synthetic images: not from a patient, not for diagnosis"
 
 # %% ../nbs/09_app.ipynb #1f90ca15
@@ -265,6 +340,8 @@ def _gradio():
     os.environ.update(GRADIO_ANALYTICS_ENABLED='False', HF_HUB_OFFLINE='1', HF_HUB_DISABLE_TELEMETRY='1')
     import gradio as gr
     return gr
+
+_log = logging.getLogger('medgan_fastai.app')  # the module's name, in the notebook too
 
 def _theme(gr):
     return gr.themes.Default(font=['ui-sans-serif', 'system-ui', 'sans-serif'], font_mono=['ui-monospace', 'monospace'])
@@ -276,7 +353,10 @@ def _handler(gr, fn, # a `GeneratorApp` method
     @functools.wraps(fn)
     def handle(*args):
         try: return fn(*args)
-        except ValueError as e: raise gr.Error(str(e)) from None
+        except ValueError as e:
+            why = ' '.join(str(e).split())[:500]  # one line, whatever the client sent
+            _log.warning('rejected %s request: %s', fn.__name__, why)
+            raise gr.Error(why, print_exception=False) from None
     if names: handle.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
     return handle
 
@@ -350,30 +430,37 @@ def _output_tabs(gr, app:GeneratorApp)->SimpleNamespace:
     return o
 
 # %% ../nbs/09_app.ipynb #d10450de
+def _seed_or_skip(gr, s):
+    "`s` for the other seed control, or no change when it is no seed (the image's handler reports that)"
+    try: return check_range(s, 0, MAX_SEED, 'seed', integer=True)
+    except ValueError: return gr.skip()
+
 def _connect(gr, demo, app:GeneratorApp, c:SimpleNamespace, o:SimpleNamespace):
     "Send the controls `c` to `app`'s methods and their results to the outputs `o`, naming the events scripts call"
-    cond,hidden = app.n_classes > 0,dict(api_visibility='private')
+    # values reach `app` as sent (`preprocess=False`): its checks reject a bad one, instead of Gradio's conversion failing first
+    cond,hidden,raw = app.n_classes > 0,dict(api_visibility='private'),dict(preprocess=False)
     view = [c.seed, c.psi, c.level, c.width, *c.amounts]
     view_names = ['seed', 'psi', 'level', 'width'] + [f'direction_{i+1}' for i in range(len(c.amounts))]
     L = [c.label] if cond else []  # the class selector feeds every control of a conditional model
     image_fn,export_fn = _handler(gr, *_labelled(app.image, view_names, cond)),_handler(gr, *_labelled(app.export, view_names, cond))
     # while a slider is dragged only the latest value is rendered (`always_last`), so requests do not pile up
     # the number and the slider show the same seed: the slider hands its value over when let go, so a drag cannot loop
-    c.seed.change(lambda s: s, c.seed, c.seed_slider, **hidden, queue=False)
-    c.seed_slider.release(lambda s: s, c.seed_slider, c.seed, **hidden, queue=False)
+    same_seed = lambda s: _seed_or_skip(gr, s)
+    c.seed.change(same_seed, c.seed, c.seed_slider, **hidden, **raw, queue=False)
+    c.seed_slider.release(same_seed, c.seed_slider, c.seed, **hidden, **raw, queue=False)
     c.random_seed.click(lambda: int(np.random.randint(0, MAX_SEED + 1, dtype=np.int64)), None, c.seed, **hidden, queue=False)
     c.reset.click(lambda: [0.] * len(c.amounts), None, c.amounts, **hidden, queue=False)
     gr.on([c.seed.change, c.psi.change, c.level.change, c.width.change, *[a.change for a in c.amounts], *([c.label.change] if cond else [])],
-          image_fn, L + view, o.image, api_name='generate', trigger_mode='always_last')
-    demo.load(image_fn, L + view, o.image, **hidden)  # the first image, as the page opens
-    o.export_btn.click(export_fn, L + view, o.files, api_name='export')
+          image_fn, L + view, o.image, api_name='generate', trigger_mode='always_last', **raw)
+    demo.load(image_fn, L + view, o.image, **hidden, **raw)  # the first image, as the page opens
+    o.export_btn.click(export_fn, L + view, o.files, api_name='export', **raw)
     handler = lambda fn, k: _handler(gr, *_labelled(fn, _param_names(fn, k), cond) if cond else (fn,))
-    o.grid_btn.click(handler(app.grid, 5), L + [c.seed, o.n, c.psi, c.level, c.width], o.grid, api_name='grid')
-    o.mix_btn.click(handler(app.mix, 6), L + [c.seed, o.seed_fine, o.crossover, c.psi, c.level, c.width], o.mixed, api_name='mix',
+    o.grid_btn.click(handler(app.grid, 5), L + [c.seed, o.n, c.psi, c.level, c.width], o.grid, api_name='grid', **raw)
+    o.mix_btn.click(handler(app.mix, 6), L + [c.seed, o.seed_fine, o.crossover, c.psi, c.level, c.width], o.mixed, api_name='mix', **raw,
                     **({} if app.styled else hidden))
     o.strip_btn.click(handler(app.interpolation, 7), L + [c.seed, o.seed_b, o.steps, o.space, c.psi, c.level, c.width], o.strip,
-                      api_name='interpolate')
-    o.gif_btn.click(handler(app.animation, 5), L + [c.seed, o.seed_b, o.steps, o.space, c.psi], o.animation, api_name='animate')
+                      api_name='interpolate', **raw)
+    o.gif_btn.click(handler(app.animation, 5), L + [c.seed, o.seed_b, o.steps, o.space, c.psi], o.animation, api_name='animate', **raw)
 
 # %% ../nbs/09_app.ipynb #aff5bb56
 def build_app(model, # a model file, run folder or checkpoint, a generator, or a `GeneratorApp`

@@ -13,7 +13,8 @@ from fastcore.script import anno_parser
 from . import __version__
 
 # %% auto #0
-__all__ = ['COMMANDS', 'SHORT_FLAGS', 'info', 'convert', 'train', 'train_parser', 'generate', 'evaluate', 'serve', 'main']
+__all__ = ['COMMANDS', 'SHORT_FLAGS', 'info', 'convert', 'train', 'train_parser', 'generate', 'evaluate', 'serve', 'bad_input',
+           'main']
 
 # %% ../nbs/10_cli.ipynb #64c35510
 def info():
@@ -61,8 +62,8 @@ def convert(src:str, # DICOM folder (searched recursively), or one file
     reasons = report[~report.ok].reason.str.split(' \\(').str[0].value_counts()
     print(f"converted {done} of {n} input slices to {dst}" + (f"; skipped {n - done}:" if done < n else ''))
     for why,k in reasons.items(): print(f"  {k:6}  {why}")
-    print(f"report: {Path(dst)/'report.csv'}")
-    if not done: sys.exit(f"medgan convert: no image was converted from {src} (reasons in {Path(dst)/'report.csv'})")
+    print(f"report: {report.attrs['path']}")
+    if not done: sys.exit(f"medgan convert: {src}: no image was converted (reasons in {report.attrs['path']})")
 
 # %% ../nbs/10_cli.ipynb #99cbdaec
 def train(out:str='runs/demo', # run folder (samples, loss chart, checkpoints, generator.pth)
@@ -172,10 +173,10 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
     import json, pandas as pd
     from medgan_fastai.persist import load_generator, write_atomic
     from medgan_fastai.data import gan_dls
-    from medgan_fastai.scoring import evaluate as score
+    from medgan_fastai.scoring import evaluate as score, InceptionWeightsError
     from medgan_fastai import latent
     names = [m.strip() for m in metrics.split(',') if m.strip()]
-    rows,reals = [],{}
+    rows,reals,failed = [],{},[]
     for m in models:
         g = load_generator(m, device='cpu')
         info = getattr(g, 'info', {}) or {}
@@ -189,8 +190,13 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
         fake = latent.generate(g, list(range(seed, seed + n)), labels=_seed_labels(g, list(range(n))))
         mp = Path(m)
         folder = (mp if mp.is_dir() else mp.parent)/'metrics'
-        res = score(fake, real, metrics=names, seed=seed, inception_weights=inception_weights,
-                    picture_dir=folder if 'memo' in names else None, overwrite=True)
+        try: res = score(fake, real, metrics=names, seed=seed, inception_weights=inception_weights,
+                         picture_dir=folder if 'memo' in names else None, overwrite=True)
+        except InceptionWeightsError as e:  # the weight-free metrics are still worth having: compute them, then say what is missing
+            missing = [k for k in names if k in ('fid', 'kid', 'is')]
+            failed.append(f'{", ".join(missing)} not computed: {e.path}: {e.reason}')
+            rest = [k for k in names if k not in missing]
+            res = score(fake, real, metrics=rest, seed=seed, picture_dir=folder if 'memo' in rest else None, overwrite=True) if rest else {}
         res = {k: float(v) for k,v in res.items()}
         out = dict(model=str(m), source=str(source), n_fake=len(fake), n_real=len(real), seed=seed, metrics=res)
         dst = (mp if mp.is_dir() else mp.parent)/'metrics.json'
@@ -206,6 +212,7 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
         print(f"\nranked by {first} ({'lower' if first in _LOWER_IS_BETTER else 'higher'} is better), "
               f"{n} samples each against the same {len(next(iter(reals.values())))} real slices:")
     print(df.to_string())
+    if failed: sys.exit(f'medgan evaluate: {failed[0]}')  # one line; the metrics that could be computed are above
     return df
 
 # %% ../nbs/10_cli.ipynb #03b45168
@@ -229,10 +236,10 @@ def _usage():
     lines += ["", "`medgan COMMAND --help` shows a command's options and defaults."]
     return '\n'.join(lines)
 
-def _user_errors()->tuple:
-    "The library's exception types for bad input, from the modules this process has loaded"
-    names = dict(dicom='DicomError', persist='CheckpointError', run='RunFolderError', models='ModelConfigError')
-    return tuple(getattr(sys.modules[f'medgan_fastai.{m}'], n) for m,n in names.items() if f'medgan_fastai.{m}' in sys.modules)
+def bad_input(e:Exception)->bool:
+    "Whether `e` reports bad input: the library's own errors (they carry the file or folder and the reason) or an OS error"
+    ours = type(e).__module__.startswith('medgan_fastai.') and hasattr(e, 'reason')
+    return ours or isinstance(e, OSError)
 
 def main(argv:list|None=None): # arguments (default: `sys.argv[1:]`)
     "The `medgan` console script: dispatch to the command named first"
@@ -248,5 +255,5 @@ def main(argv:list|None=None): # arguments (default: `sys.argv[1:]`)
     for k in ('pdb', 'xtra'): args.pop(k, None)  # fastcore's debugging options, not ours
     try: f(**args)  # commands report by printing; their return values are for Python callers
     except Exception as e:
-        if not isinstance(e, _user_errors()): raise
+        if not bad_input(e): raise
         sys.exit(f'medgan {name}: {e}')  # bad input: one line naming the file and the reason, exit code 1

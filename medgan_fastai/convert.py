@@ -8,6 +8,7 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/convert.html.md"""
 from __future__ import annotations
 import os, datetime, tempfile, warnings
 from pathlib import Path
+from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pydicom
@@ -20,8 +21,8 @@ from .series import *
 from .persist import *
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'TEMPLATE_TAGS', 'save_slice', 'convert_folder', 'dicom_series_datasets', 'write_dicom_series',
-           'write_synthetic_dicom']
+__all__ = ['REPORT_COLUMNS', 'TEMPLATE_TAGS', 'save_slice', 'write_report', 'convert_folder', 'dicom_series_datasets',
+           'write_dicom_series', 'write_synthetic_dicom']
 
 # %% ../nbs/03d_convert.ipynb #1ccbaf4c
 def save_slice(img01:np.ndarray, # float slice in [0, 1]
@@ -38,6 +39,18 @@ def save_slice(img01:np.ndarray, # float slice in [0, 1]
     im = Image.fromarray(q)
     if path.suffix.lower() in ('.jpg', '.jpeg'): im.save(path, format='JPEG', quality=95)
     else: im.save(path, format='PNG')
+
+# %% ../nbs/03d_convert.ipynb #b87e67e3
+def write_report(report:pd.DataFrame, # a conversion report
+                 dst, # the output folder
+                 overwrite:bool=False, # replace an existing `report.csv`
+                )->Path: # the file written
+    "Write `report.csv` in `dst`; an earlier report is kept (the new one goes beside it, timestamped) unless `overwrite`"
+    path = Path(dst)/'report.csv'
+    if path.exists() and not overwrite:
+        path = Path(dst)/f'report_{datetime.datetime.now():%Y%m%d_%H%M%S_%f}.csv'
+    write_atomic(path, lambda t: report.to_csv(t, index=False), overwrite=True)
+    return path
 
 # %% ../nbs/03d_convert.ipynb #39d2bc67
 _DICOM_SUFFIXES = ('.dcm', '.dicom', '.dic', '.ima')
@@ -80,15 +93,17 @@ def convert_folder(src, # a folder of DICOM files, a file, or a list of files
                    overwrite:bool=False, # replace existing outputs
                    progress:bool=True, # show progress bars
                    n_workers:int|None=None, # worker processes (default: CPU count; 0 works in this process)
-                  )->pd.DataFrame: # the report: one row per input slice, also written to `dst/report.csv`
+                  )->pd.DataFrame: # the report: one row per input slice, also written to `dst` (`write_report`; its path in `.attrs['path']`)
     "Convert the DICOM slices under `src` to PNG/JPG images in `dst`, with a report of every input"
     from fastcore.parallel import parallel
     fmt = {'jpeg': 'jpg'}.get(fmt.lower().lstrip('.'), fmt.lower().lstrip('.'))
     if fmt not in ('png', 'jpg'): raise ValueError(f"fmt must be 'png' or 'jpg', not {fmt!r}")
     if bits not in (8, 16) or (bits == 16 and fmt != 'png'): raise ValueError("bits must be 8, or 16 with fmt='png'")
     if isinstance(window, str) and window not in ('auto', 'file'): resolve_window(window)  # fail early on a misspelt preset
+    if isinstance(src, (str, os.PathLike)) and not Path(src).exists(): raise DicomError(src, 'no such file or folder')
     dst = Path(dst).resolve()
     index = scan(src, n_workers=n_workers, progress=progress)
+    if not len(index): raise DicomError(src, 'no files found')
     roots = [Path(src)] if isinstance(src, (str, os.PathLike)) else [Path(f).parent for f in src]
     root = Path(os.path.commonpath([str(r.resolve()) for r in roots])) if roots else Path('.')
     if root.is_file(): root = root.parent
@@ -109,7 +124,7 @@ def convert_folder(src, # a folder of DICOM files, a file, or a list of files
     output,reason = [''] * len(index),list(index.reason)
     for i,(o,why) in zip(todo, (r for rs in res for r in rs)): output[i],reason[i] = (str(Path(o).relative_to(dst)) if o else ''),why
     report = index.assign(output=output, reason=reason, ok=[bool(o) for o in output])[REPORT_COLUMNS]
-    write_atomic(dst/'report.csv', lambda t: report.to_csv(t, index=False), overwrite=True)
+    report.attrs['path'] = write_report(report, dst, overwrite)
     return report
 
 # %% ../nbs/03d_convert.ipynb #cdadd00c
@@ -144,6 +159,58 @@ def _stored_values(arr, units, rescale):
         info = np.iinfo(dt)
         if q.min() >= info.min and q.max() <= info.max: return q.astype(dt), (slope, intercept)
     raise ValueError(f"values do not fit 16 bits with rescale slope {slope}, intercept {intercept}")
+
+# %% ../nbs/03d_convert.ipynb #3d15e81a
+def _instance_dataset(img:np.ndarray, pos:np.ndarray, i:int, # stored pixels, ImagePositionPatient, index in the series
+                      s:SimpleNamespace, # the series' shared values (UIDs, dates, identity, geometry, rescale, window)
+                      template:Dataset|None=None)->Dataset:
+    "One image of a series written by `dicom_series_datasets`: identity, geometry and pixels"
+    ds = Dataset()
+    if template is not None:
+        for k in TEMPLATE_TAGS:
+            if k in template: setattr(ds, k, template.data_element(k).value)
+    uid = generate_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID,ds.file_meta.MediaStorageSOPInstanceUID = s.sop_class,uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID,ds.file_meta.ImplementationVersionName = PYDICOM_IMPLEMENTATION_UID,'MEDGAN_FASTAI'
+    ds.SpecificCharacterSet = 'ISO_IR 192'
+    ds.ImageType = ['DERIVED', 'SECONDARY']
+    ds.SOPClassUID,ds.SOPInstanceUID = s.sop_class,uid
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = s.date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = s.time
+    ds.AccessionNumber,ds.ReferringPhysicianName,ds.StudyID = '','','1'
+    ds.Modality,ds.Manufacturer,ds.SoftwareVersions = s.modality,'medgan_fastai',__version__
+    ds.SeriesDescription,ds.ImageComments = s.desc[:64],s.comment
+    ds.PatientName = s.patient_name or f'{s.kind}^MEDGAN'
+    ds.PatientID = s.patient_id or s.kind
+    ds.PatientBirthDate,ds.PatientSex = '','O'
+    ds.PatientIdentityRemoved,ds.BurnedInAnnotation,ds.RecognizableVisualFeatures = 'YES','NO','NO'
+    ds.DeidentificationMethod = ('synthetic image: generated, no patient data' if s.synthetic else
+                                 'derived image: patient identity replaced')[:64]
+    ds.StudyInstanceUID,ds.SeriesInstanceUID,ds.FrameOfReferenceUID = s.study,s.series,s.frame_of_ref
+    ds.SeriesNumber,ds.InstanceNumber,ds.AcquisitionNumber = s.series_number,i + 1,1
+    ds.PositionReferenceIndicator = ''
+    if s.sop_class == pydicom.uid.SecondaryCaptureImageStorage: ds.ConversionType = 'SYN' if s.synthetic else 'WSD'
+    if s.modality == 'CT' and 'KVP' not in ds: ds.KVP = ''
+    if s.modality == 'MR':
+        for k,v in dict(ScanningSequence='RM', SequenceVariant='NONE', ScanOptions='', MRAcquisitionType='2D',
+                        EchoTime='', EchoTrainLength='', RepetitionTime='').items():
+            if k not in ds: setattr(ds, k, v)
+    ds.ImagePositionPatient = [format_number_as_ds(float(v)) for v in pos]
+    ds.ImageOrientationPatient = [format_number_as_ds(float(v)) for v in s.iop]
+    ds.SliceLocation = format_number_as_ds(float(pos @ s.normal))
+    ds.PixelSpacing = [format_number_as_ds(float(v)) for v in s.pixel_spacing]
+    ds.SliceThickness = format_number_as_ds(float(s.slice_thickness))
+    ds.SamplesPerPixel,ds.PhotometricInterpretation = 1,'MONOCHROME2'
+    ds.Rows,ds.Columns = img.shape
+    ds.BitsAllocated,ds.BitsStored,ds.HighBit = 16,16,15
+    ds.PixelRepresentation = int(img.dtype.kind == 'i')
+    ds.RescaleSlope,ds.RescaleIntercept = s.slope,s.intercept
+    if 'RescaleType' not in ds: ds.RescaleType = 'HU' if s.modality == 'CT' and s.units == 'modality' else 'US'
+    ds.WindowCenter,ds.WindowWidth = format_number_as_ds(float(s.c)),format_number_as_ds(float(s.w))
+    ds.PixelData = img.tobytes()
+    return ds
 
 # %% ../nbs/03d_convert.ipynb #2a3f0fe9
 def dicom_series_datasets(images, # (n, rows, cols) or a list of 2-D arrays (a (n, 1, rows, cols) tensor works)
@@ -183,55 +250,12 @@ def dicom_series_datasets(images, # (n, rows, cols) or a list of 2-D arrays (a (
     if not synthetic and series_description and series_description.upper().startswith('DERIVED'): desc = series_description
     comment = (f"SYNTHETIC IMAGE generated by medgan_fastai {__version__}: not from a patient, not for diagnosis"
                if synthetic else f"Derived image written by medgan_fastai {__version__}: {series_description or ''}".strip(': '))
-    out = []
-    for i,(img,pos) in enumerate(zip(stored, positions)):
-        ds = Dataset()
-        if template is not None:
-            for k in TEMPLATE_TAGS:
-                if k in template: setattr(ds, k, template.data_element(k).value)
-        uid = generate_uid()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID,ds.file_meta.MediaStorageSOPInstanceUID = sop_class,uid
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.ImplementationClassUID,ds.file_meta.ImplementationVersionName = PYDICOM_IMPLEMENTATION_UID,'MEDGAN_FASTAI'
-        ds.SpecificCharacterSet = 'ISO_IR 192'
-        ds.ImageType = ['DERIVED', 'SECONDARY']
-        ds.SOPClassUID,ds.SOPInstanceUID = sop_class,uid
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
-        ds.AccessionNumber,ds.ReferringPhysicianName,ds.StudyID = '','','1'
-        ds.Modality,ds.Manufacturer,ds.SoftwareVersions = modality,'medgan_fastai',__version__
-        ds.SeriesDescription,ds.ImageComments = desc[:64],comment
-        ds.PatientName = patient_name or f'{kind}^MEDGAN'
-        ds.PatientID = patient_id or kind
-        ds.PatientBirthDate,ds.PatientSex = '','O'
-        ds.PatientIdentityRemoved,ds.BurnedInAnnotation,ds.RecognizableVisualFeatures = 'YES','NO','NO'
-        ds.DeidentificationMethod = ('synthetic image: generated, no patient data' if synthetic else
-                                     'derived image: patient identity replaced')[:64]
-        ds.StudyInstanceUID,ds.SeriesInstanceUID,ds.FrameOfReferenceUID = study,series,frame_of_ref
-        ds.SeriesNumber,ds.InstanceNumber,ds.AcquisitionNumber = series_number,i + 1,1
-        ds.PositionReferenceIndicator = ''
-        if sop_class == pydicom.uid.SecondaryCaptureImageStorage: ds.ConversionType = 'SYN' if synthetic else 'WSD'
-        if modality == 'CT' and 'KVP' not in ds: ds.KVP = ''
-        if modality == 'MR':
-            for k,v in dict(ScanningSequence='RM', SequenceVariant='NONE', ScanOptions='', MRAcquisitionType='2D',
-                            EchoTime='', EchoTrainLength='', RepetitionTime='').items():
-                if k not in ds: setattr(ds, k, v)
-        ds.ImagePositionPatient = [format_number_as_ds(float(v)) for v in pos]
-        ds.ImageOrientationPatient = [format_number_as_ds(float(v)) for v in iop]
-        ds.SliceLocation = format_number_as_ds(float(pos @ normal))
-        ds.PixelSpacing = [format_number_as_ds(float(v)) for v in pixel_spacing]
-        ds.SliceThickness = format_number_as_ds(float(slice_thickness))
-        ds.SamplesPerPixel,ds.PhotometricInterpretation = 1,'MONOCHROME2'
-        ds.Rows,ds.Columns = img.shape
-        ds.BitsAllocated,ds.BitsStored,ds.HighBit = 16,16,15
-        ds.PixelRepresentation = int(img.dtype.kind == 'i')
-        ds.RescaleSlope,ds.RescaleIntercept = slope,intercept
-        if 'RescaleType' not in ds: ds.RescaleType = 'HU' if modality == 'CT' and units == 'modality' else 'US'
-        ds.WindowCenter,ds.WindowWidth = format_number_as_ds(float(c)),format_number_as_ds(float(w))
-        ds.PixelData = img.tobytes()
-        out.append(ds)
-    return out
+    s = SimpleNamespace(sop_class=sop_class, study=study, series=series, frame_of_ref=frame_of_ref, date=date, time=time,
+                        modality=modality, desc=desc, comment=comment, kind=kind, synthetic=synthetic,
+                        patient_name=patient_name, patient_id=patient_id, series_number=series_number, iop=iop, normal=normal,
+                        pixel_spacing=pixel_spacing, slice_thickness=slice_thickness, slope=slope, intercept=intercept,
+                        units=units, c=c, w=w)
+    return [_instance_dataset(img, pos, i, s, template) for i,(img,pos) in enumerate(zip(stored, positions))]
 
 # %% ../nbs/03d_convert.ipynb #670d52e5
 def write_dicom_series(images, # (n, rows, cols) or a list of 2-D arrays, see `dicom_series_datasets`

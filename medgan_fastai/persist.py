@@ -6,7 +6,7 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/persist.html.md"""
 
 # %% ../nbs/03c_persist.ipynb #p0000004
 from __future__ import annotations
-import json, os, random, re, tempfile, time
+import json, os, random, re, tempfile, time, warnings
 from pathlib import Path
 import numpy as np, torch
 from torch import nn
@@ -15,9 +15,10 @@ from .models import build_generator
 from .style import StyleGenerator  # registers the style architecture with `build_generator`
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'GENERATOR_FORMAT', 'write_atomic', 'rng_state', 'set_rng_state', 'CheckpointError',
-           'plain_state', 'write_checkpoint', 'read_checkpoint', 'checkpoint_epoch', 'checkpoint_files',
-           'latest_checkpoint', 'save_generator', 'model_file', 'load_generator']
+__all__ = ['CHECKPOINT_FORMAT', 'GENERATOR_FORMAT', 'write_atomic', 'rng_state', 'set_rng_state', 'load_weights_only',
+           'CheckpointError', 'plain_state', 'write_checkpoint', 'read_checkpoint', 'checkpoint_epoch',
+           'checkpoint_files', 'latest_checkpoint', 'remove_stale_temporaries', 'loadable_checkpoint',
+           'check_generator_state', 'save_generator', 'model_file', 'load_generator']
 
 # %% ../nbs/03c_persist.ipynb #ceae1ae9
 _UMASK = os.umask(0); os.umask(_UMASK)  # the process's umask, read once (reading it means setting it)
@@ -71,6 +72,13 @@ def set_rng_state(d:dict, # what `rng_state` returned (possibly after a round tr
     dl = getattr(getattr(learn, 'dls', None), 'train', None)
     if 'train_dl' in d and dl is not None: dl.rng.setstate(_tuplify(d['train_dl']))
 
+# %% ../nbs/03c_persist.ipynb #ec7ca4ac
+def load_weights_only(path)->object:
+    "`torch.load` with `weights_only=True` on the CPU: tensors and plain values only, never code (torch's notes about a foreign file's pickle protocol are not shown)"
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='Detected pickle protocol')
+        return torch.load(path, map_location='cpu', weights_only=True)
+
 # %% ../nbs/03c_persist.ipynb #p0000011
 CHECKPOINT_FORMAT = 'medgan_fastai.checkpoint'
 
@@ -100,7 +108,7 @@ def read_checkpoint(path)->dict:
     "Load a checkpoint safely (`weights_only=True`), raising `CheckpointError` for anything that is not one of ours"
     path = Path(path)
     if not path.is_file(): raise CheckpointError(path, 'no such checkpoint file')
-    try: state = torch.load(path, map_location='cpu', weights_only=True)
+    try: state = load_weights_only(path)
     except Exception as e:
         raise CheckpointError(path, f'not a loadable checkpoint (corrupt, truncated or not ours: {type(e).__name__}: '
                                     f'{str(e).splitlines()[0][:200]})') from None
@@ -129,6 +137,45 @@ def latest_checkpoint(folder)->Path|None:
     "The newest checkpoint in `folder` (a run folder or its `checkpoints/`), or None"
     cks = checkpoint_files(folder)
     return cks[-1] if cks else None
+
+# %% ../nbs/03c_persist.ipynb #264ae499
+_TEMPORARY_NAME = re.compile(r'^\.(.+)\.[a-z0-9_]{8}(\.[A-Za-z0-9]+)$')  # `write_atomic`'s: mkstemp's 8 random characters
+
+def remove_stale_temporaries(folder, # a run folder (its `checkpoints/` and `samples/` are cleaned too)
+                            )->list: # the files removed
+    "Remove the temporary files that writes interrupted by a kill left in `folder`"
+    gone = []
+    for d in (Path(folder), Path(folder)/'checkpoints', Path(folder)/'samples'):
+        if not d.is_dir(): continue
+        for p in d.iterdir():
+            if p.is_file() and _TEMPORARY_NAME.match(p.name): p.unlink(missing_ok=True); gone.append(p)
+    return gone
+
+def loadable_checkpoint(folder, # a run folder or its `checkpoints/`
+                       )->tuple: # (newest checkpoint that loads or None, [(skipped file, reason), ...])
+    "The newest checkpoint of `folder` that can be read, and the newer ones skipped with the reason"
+    skipped = []
+    for p in reversed(checkpoint_files(folder)):
+        try: read_checkpoint(p); return p, skipped
+        except CheckpointError as e: skipped.append((p, e.reason))
+    return None, skipped
+
+# %% ../nbs/03c_persist.ipynb #a173a6b4
+def check_generator_state(config:dict, # a generator's stored `config`
+                          state_dict:dict, # the weights stored beside it
+                          path, # the file (for the error)
+                         ):
+    "Refuse a config whose generator would not have exactly the stored weights, without allocating it (meta device)"
+    try:
+        with torch.device('meta'): g = build_generator(config)
+    except Exception as e:
+        raise CheckpointError(path, f'its stored architecture cannot be built ({str(e).splitlines()[0][:200]})') from None
+    want = {k: tuple(v.shape) for k,v in g.state_dict().items() if isinstance(v, torch.Tensor)}
+    have = {k: tuple(v.shape) for k,v in state_dict.items() if isinstance(v, torch.Tensor)}
+    for k in sorted(set(want) | set(have)):
+        if want.get(k) != have.get(k):
+            raise CheckpointError(path, f'its config does not match its weights ({k}: the config asks for '
+                                        f'{want.get(k, "nothing")}, the file holds {have.get(k, "nothing")})')
 
 # %% ../nbs/03c_persist.ipynb #be6925b3
 GENERATOR_FORMAT = 'medgan_fastai.generator'
@@ -163,7 +210,7 @@ def load_generator(path, # a file written by `save_generator`, a checkpoint, or 
                   )->nn.Module:
     "The generator saved at `path`, rebuilt from its config, in eval mode"
     path = model_file(path)
-    try: state = torch.load(path, map_location='cpu', weights_only=True)
+    try: state = load_weights_only(path)
     except Exception as e:
         raise CheckpointError(path, f'not a loadable model file (corrupt or not ours: {type(e).__name__})') from None
     if not isinstance(state, dict): raise CheckpointError(path, 'not a medgan_fastai model file')
@@ -171,6 +218,7 @@ def load_generator(path, # a file written by `save_generator`, a checkpoint, or 
     elif state.get('format') == CHECKPOINT_FORMAT:
         cfg,sd = state.get('generator_config'), state['ema'] if state.get('ema') is not None else state['generator']
     else: raise CheckpointError(path, f'not a medgan_fastai model file (format {state.get("format")!r})')
+    check_generator_state(cfg, sd, path)
     try:
         g = build_generator(cfg)
         g.load_state_dict(sd)

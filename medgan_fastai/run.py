@@ -144,7 +144,12 @@ def prepare_run_folder(out, # the run folder
         saved = Recipe.from_json(run/'config.json').resolved()
         if recipe.source is not None and saved.source is not None and Path(recipe.source).resolve() != Path(saved.source).resolve():
             raise RunFolderError(run, f'a resumed run continues on its own source {saved.source}, not {recipe.source}')
-        return saved
+        recipe = saved
+    src = Path(recipe.source).resolve() if recipe.source is not None else None
+    if src is not None and src.is_dir() and (run.resolve() == src or src in run.resolve().parents):
+        raise RunFolderError(run, f'is inside the source folder {recipe.source}: its sample grids and charts would be read '
+                                  f'as training slices; choose a run folder outside it')
+    if resume: return recipe
     if run.exists() and any(run.iterdir()) and not rank_distrib():
         if not force: raise RunFolderError(run, 'already holds a run: continue it (--resume, `resume=True`), start it again (--force, `force=True`), or choose another folder')
         for sub in ('samples', 'checkpoints'): shutil.rmtree(run/sub, ignore_errors=True)
@@ -196,7 +201,10 @@ def train_run(source:str=None, # DICOM/PNG/JPG folder; default: the demo brain M
     init_distributed()
     learn = recipe_learner(r, run, keep=keep, cbs=cbs)
     if not rank_distrib() and not (run/'config.json').exists(): r.to_json(run/'config.json')
-    start,ck = 0,(latest_checkpoint(run) if resume else None)
+    if not rank_distrib():
+        for p in remove_stale_temporaries(run): print(f'removed {p.relative_to(run)}: a temporary file left by an interrupted write')
+    start,ck,skipped = 0,*(loadable_checkpoint(run) if resume else (None, []))
+    for p,why in skipped: print(f'skipped {p.name}: {why}')
     if ck is not None:
         start = load_checkpoint(learn, ck)
         print(f'resuming {run} after epoch {start} from {ck.name}')
@@ -204,7 +212,8 @@ def train_run(source:str=None, # DICOM/PNG/JPG folder; default: the demo brain M
     if start >= epochs: print(f'{run}: {start} epochs done already (asked for {epochs})')
     else: _fit_or_checkpoint(learn, run, epochs, start)
     if rank_distrib(): return learn  # the first process exports
+    # a label mapping is the user's own text: the app may then show its class names (else class indices only)
     g = export_generator(learn, run/'generator.pth', source=str(r.source or 'demo: MNI152 2009a T1'), arch=r.arch,
-                         window=r.window, skip_blank=r.skip_blank)
+                         window=r.window, skip_blank=r.skip_blank, **({'label_map': r.label_map} if r.label_map else {}))
     print(f'run folder {run}: samples/ loss.png loss.csv checkpoints/ {g.name}')
     return learn

@@ -1,5 +1,6 @@
 "The web app in three layers: its pure functions, its API through `gradio_client`, and the page in headless Chromium."
-import io, shutil, socket, subprocess, sys, warnings
+import io, json, os, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.error, urllib.request, warnings
+from types import SimpleNamespace
 from pathlib import Path
 import numpy as np, pydicom, pytest, torch
 from PIL import Image
@@ -125,6 +126,78 @@ def test_bad_model_file_names_it(tmp_path):
     bad.write_bytes(b'not a model')
     with pytest.raises(CheckpointError, match='generator.pth'): GeneratorApp(bad)
 
+def app_process(code: str, tmp: Path) -> subprocess.CompletedProcess:
+    "Run `code` in a new Python process whose temporary folder is `tmp`, as a script or `medgan serve` would run"
+    return subprocess.run([sys.executable, '-c', code], env={**os.environ, 'TMPDIR': str(tmp)}, capture_output=True, text=True,
+                          timeout=300)
+
+def app_folders(root: Path) -> list: return sorted(Path(root).glob('medgan_app_*'))
+
+def test_app_folder_is_removed_at_exit(style_file, tmp_path):
+    "A script that makes an app (and a download) and ends leaves no temporary folder behind"
+    r = app_process(f"from medgan_fastai.app import GeneratorApp; a = GeneratorApp({str(style_file)!r}, 'cpu', n_directions=0); "
+                    "a.export(0); print(a.out_dir)", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).parent == tmp_path and not app_folders(tmp_path)
+
+def test_stale_app_folders_are_removed_on_start(style_file, tmp_path, monkeypatch):
+    "On start the app removes the folders of app processes that ended without cleaning up, and only those"
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+    mine = GeneratorApp(style_file, 'cpu', n_directions=0)  # its owner, this process, still runs
+    foreign = tmp_path/'medgan_app_not_ours'
+    foreign.mkdir(); (foreign/'notes.txt').write_text('not made by the app')
+    killed = app_process("import os, signal; from medgan_fastai.app import GeneratorApp; "
+                         f"a = GeneratorApp({str(style_file)!r}, 'cpu', n_directions=0); a.export(0); print(a.out_dir, flush=True); "
+                         "os.kill(os.getpid(), signal.SIGKILL)", tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    stale = Path(killed.stdout.strip())
+    assert stale.parent == tmp_path and any(stale.rglob('*.dcm'))  # left behind: a killed process cannot clean up
+    started = GeneratorApp(style_file, 'cpu', n_directions=0)
+    assert not stale.exists()
+    assert mine.out_dir.is_dir() and (foreign/'notes.txt').read_text() == 'not made by the app'
+    assert set(app_folders(tmp_path)) == {mine.out_dir, started.out_dir, foreign}
+
+def test_page_shows_the_data_folder_name_only(dcgan_file, tmp_path):
+    "The training data's server-side path stays in the run folder: the page shows the folder's name"
+    model = save_generator(load_generator(dcgan_file, 'cpu'), tmp_path/'generator.pth', source='/some/secret/dir/scans')
+    app = GeneratorApp(model, 'cpu', out_dir=tmp_path/'exports')
+    assert '/some/secret/dir' not in app.describe() and 'scans' in app.describe()
+    config = json.dumps(build_app(app).get_config_file())
+    assert '/some/secret/dir' not in config and 'scans' in config
+
+TEXT_VRS = {'AE', 'AS', 'CS', 'DA', 'DS', 'DT', 'IS', 'LO', 'LT', 'PN', 'SH', 'ST', 'TM', 'UC', 'UI', 'UR', 'UT'}
+
+def dicom_text(ds) -> str:
+    "Every text value in `ds` and its file meta, nested sequences included"
+    out = []
+    for d in (ds.file_meta, ds): d.walk(lambda _, el: out.append(str(el.value)) if el.VR in TEXT_VRS else None)
+    return ' | '.join(out)
+
+@pytest.fixture(scope='module')
+def conditional(tmp_path_factory):
+    torch.manual_seed(0)
+    return StyleGenerator(size=32, channel_base=64, channel_max=32, z_dim=32, w_dim=32, n_mapping=2, n_classes=2)
+
+def test_dicom_export_writes_class_index_not_name(conditional, tmp_path):
+    "Class names read from a tag (here PatientName) can be a patient's name: downloads carry the class index"
+    model = save_generator(conditional, tmp_path/'generator.pth', vocab=['DOE^JOHN', 'SMITH^JANE'])
+    app = GeneratorApp(model, 'cpu', n_directions=0, out_dir=tmp_path/'exports')
+    for label, k in (('DOE^JOHN', 0), ('SMITH^JANE', 1), (1, 1)):
+        png, dcm = map(Path, app.export(3, 0.7, label=label))
+        ds = pydicom.dcmread(dcm)
+        text = dicom_text(ds) + png.name + dcm.name
+        assert not [w for w in ('DOE', 'JOHN', 'SMITH', 'JANE') if w in text], text
+        assert f'class {k}' in ds.SeriesDescription and f'class{k}' in dcm.name
+
+def test_dicom_export_writes_class_names_from_a_users_map(conditional, tmp_path):
+    "Names the user wrote in a label map are theirs to export; the raw values they map from stay off the page"
+    model = save_generator(conditional, tmp_path/'generator.pth', vocab=['normal', 'tumour'],
+                           label_map={'DOE^JOHN': 'normal', 'SMITH^JANE': 'tumour'})
+    app = GeneratorApp(model, 'cpu', n_directions=0, out_dir=tmp_path/'exports')
+    png, dcm = map(Path, app.export(3, 0.7, label='tumour'))
+    assert 'class tumour' in pydicom.dcmread(dcm).SeriesDescription and 'tumour' in dcm.name
+    assert 'tumour' in app.describe() and 'DOE' not in app.describe() and 'SMITH' not in app.describe()
+
 # --- the API, through gradio_client ----------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -193,6 +266,64 @@ def test_dcgan_api_has_no_mixing(dcgan_file):
         assert '/mix' not in c.view_api(print_info=False, return_format='dict')['named_endpoints']
         np.testing.assert_array_equal(pixels(c.predict(4, api_name='/generate')), as_8bit(generate(load_generator(dcgan_file, 'cpu'), [4])))
     finally: demo.close()
+
+# --- `serve` in its own process, as `medgan serve` runs it ------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def served(tmp_path_factory):
+    "A `serve` process over a model whose info names its data by a full path, with its own temporary folder and log"
+    root = tmp_path_factory.mktemp('served')
+    torch.manual_seed(0)
+    G = StyleGenerator(size=32, channel_base=64, channel_max=32, z_dim=32, w_dim=32, n_mapping=2)
+    model = save_generator(G, root/'generator.pth', window='brain', source='/some/secret/dir/scans')
+    (tmp := root/'tmp').mkdir()
+    port, log = free_port(), root/'log.txt'
+    with open(log, 'w') as f:
+        p = subprocess.Popen([sys.executable, '-c', f"from medgan_fastai.app import serve; serve({str(model)!r}, port={port}, device='cpu', quiet=True)"],
+                             env={**os.environ, 'TMPDIR': str(tmp)}, stdout=f, stderr=subprocess.STDOUT)
+    url, start = f'http://127.0.0.1:{port}/', time.monotonic()
+    while True:
+        try: urllib.request.urlopen(url, timeout=2).close(); break
+        except OSError:
+            if p.poll() is not None or time.monotonic() - start > 240:
+                p.kill(); pytest.fail(f'serve did not start: {log.read_text()[-3000:]}')
+            time.sleep(0.5)
+    yield SimpleNamespace(process=p, url=url, log=log, tmp=tmp)
+    if p.poll() is None: p.kill(); p.wait()
+
+def test_rejected_requests_log_one_line_each(served):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    c = Client(served.url, verbose=False, analytics_enabled=False)
+    before = len(served.log.read_text().splitlines())
+    bad = [((MAX_SEED + 1, 0.7), '/generate'), ((-1, 0.7), '/generate'), ((1.5, 0.7), '/generate'), (('x', 0.7), '/generate'),
+           ((0, 3.0), '/generate'), ((0, MAX_GRID + 1), '/grid'), ((0, 1, 999), '/mix'), ((0, 1, MAX_STEPS + 1), '/interpolate'),
+           ((0, 1, 4, 'q'), '/animate'), ((0, 0.7, 0.5, 9.0), '/export')]
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for args, name in bad:
+            with pytest.raises(AppError): c.predict(*args, api_name=name)
+    for path in ('gradio_api/file=/etc/passwd', 'gradio_api/file=../../etc/passwd'):
+        with pytest.raises(urllib.error.HTTPError): urllib.request.urlopen(served.url + path)
+    assert pixels(c.predict(1, 0.7, api_name='/generate')).shape == (32, 32)  # still serving
+    new = served.log.read_text().splitlines()[before:]
+    assert 'Traceback' not in '\n'.join(new), '\n'.join(new[:40])
+    assert len(new) == len(bad) and all('rejected' in l for l in new), '\n'.join(new)
+
+def test_served_page_shows_the_data_folder_name_only(served):
+    for path in ('', 'config'):
+        text = urllib.request.urlopen(served.url + path).read().decode()
+        assert '/some/secret/dir' not in text
+    assert 'scans' in text
+
+def test_sigterm_leaves_no_app_folder(served):
+    "Stopped as a service manager stops it, the app removes its downloads folder (this test runs last: it ends the process)"
+    from gradio_client import Client
+    Client(served.url, verbose=False, analytics_enabled=False).predict(2, 0.7, api_name='/export')
+    assert len(app_folders(served.tmp)) == 1 and any(app_folders(served.tmp)[0].rglob('*.dcm'))
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=60) == -signal.SIGTERM
+    assert not app_folders(served.tmp)
 
 # --- the page, in headless Chromium ----------------------------------------------------------------------------
 

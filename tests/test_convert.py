@@ -44,7 +44,8 @@ def test_never_overwrites_unless_asked(ct_dir, tmp_path):
     assert not rep.ok.any() and rep.reason.str.startswith('output exists').all() and out.read_bytes() == before
     rep = convert_folder(files, tmp_path, window='bone', overwrite=True, progress=False)
     assert rep.ok.all() and out.read_bytes() != before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['01.png', '02.png', 'report.csv']  # no temporary files left
+    names = sorted(p.name for p in tmp_path.iterdir())   # no temporary files left; the second run's report kept beside the first
+    assert names[:3] == ['01.png', '02.png', 'report.csv'] and len(names) == 4 and names[3].startswith('report_2')
 
 def test_skip_blank(mr_dir, tmp_path):
     rep = convert_folder(mr_dir/'HFS', tmp_path, skip_blank=True, progress=False)
@@ -119,3 +120,19 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     out = tmp_path/'a.txt'
     assert write_atomic(out, lambda p: open(p, 'w').write('x'))
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~um
+
+
+def test_a_rerun_that_converts_nothing_keeps_the_first_report(tmp_path):
+    "`medgan convert` run again without --overwrite replaced report.csv with one that says every output exists"
+    src = Path(get_testdata_file('CT_small.dcm'))
+    first = convert_folder(src, tmp_path, size=32, progress=False)
+    kept = (tmp_path/'report.csv').read_bytes()
+    again = convert_folder(src, tmp_path, size=32, progress=False)
+    assert first.ok.all() and not again.ok.any()
+    assert (tmp_path/'report.csv').read_bytes() == kept
+    assert again.attrs['path'] != tmp_path/'report.csv' and again.attrs['path'].name.startswith('report_')
+
+def test_convert_of_an_empty_folder_says_so(tmp_path):
+    (tmp_path/'empty').mkdir()
+    with pytest.raises(DicomError, match='no files found'): convert_folder(tmp_path/'empty', tmp_path/'out', progress=False)
+    assert not (tmp_path/'out'/'report.csv').exists()

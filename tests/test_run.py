@@ -85,3 +85,18 @@ def test_existing_folder_gives_one_line(shell_run, mr_dir, cache_env):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and 'Traceback' not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and str(shell_run) in r.stderr and '--resume' in r.stderr
+
+def test_resume_skips_a_truncated_newest_checkpoint_and_removes_stale_temporaries(shell_run, tmp_path, capsys):
+    "A cut-short newest checkpoint stopped --resume; a kill during a write left `.epoch_NNN.*.pth` files forever"
+    import shutil
+    run = tmp_path/'run'
+    shutil.copytree(shell_run, run)
+    ck2 = run/'checkpoints'/'epoch_002.pth'
+    ck2.write_bytes(ck2.read_bytes()[:5000])                      # cut short, as by a full disk
+    stale = run/'checkpoints'/'.epoch_003.a1b2c3d4.pth'
+    stale.write_bytes(b'half a checkpoint')
+    learn = train_run(out=run, epochs=2, resume=True)
+    out = capsys.readouterr().out
+    assert 'skipped epoch_002.pth' in out and 'resuming' in out and 'after epoch 1' in out
+    assert not stale.exists() and 'removed checkpoints/.epoch_003.a1b2c3d4.pth' in out
+    _assert_same_weights(_weights(run, 2), _weights(shell_run, 2))  # epoch 2 trained again from epoch 1, exactly
