@@ -9,7 +9,7 @@ _warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated'
 # `medgan_fastai.NAME` import them on first use, so that `import medgan_fastai.persist` (loading a generator, the app,
 # `medgan generate`) does not pay for, or depend on, the training stack. The Gradio app is left out: it imports slowly.
 _MODULES = ('dicom', 'series', 'models', 'style', 'persist', 'convert', 'slices', 'data', 'augment', 'callbacks', 'learner',
-            'distributed', 'run', 'metrics', 'scoring', 'latent')
+            'distributed', 'run', 'metrics', 'scoring', 'latent', 'deploy')
 
 def _load_all()->list:
     import importlib

@@ -13,8 +13,8 @@ from fastcore.script import anno_parser
 from . import __version__
 
 # %% auto #0
-__all__ = ['COMMANDS', 'SHORT_FLAGS', 'info', 'convert', 'train', 'train_parser', 'generate', 'evaluate', 'serve', 'bad_input',
-           'main']
+__all__ = ['COMMANDS', 'SHORT_FLAGS', 'info', 'convert', 'train', 'train_parser', 'generate', 'evaluate', 'serve', 'export',
+           'bad_input', 'main']
 
 # %% ../nbs/10_cli.ipynb #64c35510
 def info():
@@ -226,8 +226,29 @@ def serve(model:str, # a run folder, a generator.pth, or a checkpoint
     from medgan_fastai.app import serve as serve_app  # gradio is imported only for this command
     serve_app(model, host=host, port=port, device=device, n_directions=directions)
 
+# %% ../nbs/10_cli.ipynb #2d86bb62
+def export(model:str, # a run folder, a generator.pth, or a checkpoint
+           format:str='onnx', # onnx or torchscript
+           out:str=None, # the file to write (default: generator.onnx / generator.pt beside the model)
+           psi:float=1.0, # truncation fixed in the export (style generators): 1 = none
+           overwrite:bool=False, # replace an existing file
+          ):
+    "Export a trained generator as ONNX or TorchScript, to run without this library"
+    from medgan_fastai.persist import load_generator, model_file
+    from medgan_fastai.deploy import export_onnx, export_torchscript
+    if format not in ('onnx', 'torchscript'): sys.exit(f'medgan export: unknown format {format!r} (onnx or torchscript)')
+    src = model_file(model)
+    dst = Path(out) if out else src.parent/('generator.onnx' if format == 'onnx' else 'generator.pt')
+    if dst.exists() and not overwrite: sys.exit(f'medgan export: {dst}: exists (use --overwrite or another --out)')
+    if format == 'onnx':
+        try: import onnx  # noqa: F401  (torch's exporter needs it)
+        except ImportError: sys.exit("medgan export: ONNX export needs the onnx package: pip install 'medgan_fastai[export]'")
+    g = load_generator(src, device='cpu')
+    f = (export_onnx if format == 'onnx' else export_torchscript)(g, dst, psi=psi)
+    print(f'wrote {f} and its contract {f.name}.json (inputs, output, value range)')
+
 # %% ../nbs/10_cli.ipynb #4f1bb189
-COMMANDS = dict(info=info, convert=convert, train=train, generate=generate, evaluate=evaluate, serve=serve)
+COMMANDS = dict(info=info, convert=convert, train=train, generate=generate, evaluate=evaluate, serve=serve, export=export)
 SHORT_FLAGS = dict(generate={'-n': '--n'}, evaluate={'-n': '--n'})
 
 def _usage():
