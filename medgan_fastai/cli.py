@@ -174,6 +174,7 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
     from medgan_fastai.persist import load_generator, write_atomic
     from medgan_fastai.data import gan_dls
     from medgan_fastai.scoring import evaluate as score, InceptionWeightsError
+    from medgan_fastai.card import write_model_card
     from medgan_fastai import latent
     names = [m.strip() for m in metrics.split(',') if m.strip()]
     rows,reals,failed = [],{},[]
@@ -202,6 +203,8 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
         dst = (mp if mp.is_dir() else mp.parent)/'metrics.json'
         if dst.exists() and not overwrite: dst = folder/f'metrics_{pd.Timestamp.now():%Y%m%d_%H%M%S}.json'
         write_atomic(dst, lambda p: Path(p).write_text(json.dumps(out, indent=1)), overwrite=True)
+        run = mp if mp.is_dir() else mp.parent
+        if (run/'config.json').exists(): write_model_card(run)  # the run's card shows its newest scores
         rows.append(dict(model=str(m), **res))
         print(f"{m}: " + ', '.join(f'{k} {v:.4g}' for k,v in res.items()) + f'  -> {dst}')
     df = pd.DataFrame(rows)
@@ -246,6 +249,9 @@ def export(model:str, # a run folder, a generator.pth, or a checkpoint
     g = load_generator(src, device='cpu')
     f = (export_onnx if format == 'onnx' else export_torchscript)(g, dst, psi=psi)
     print(f'wrote {f} and its contract {f.name}.json (inputs, output, value range)')
+    if (src.parent/'config.json').exists():
+        from medgan_fastai.card import write_model_card
+        if f.parent == src.parent: write_model_card(src.parent)  # the card describes the exports in the run folder
 
 # %% ../nbs/10_cli.ipynb #4f1bb189
 COMMANDS = dict(info=info, convert=convert, train=train, generate=generate, evaluate=evaluate, serve=serve, export=export)

@@ -6,11 +6,12 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/run.html.md"""
 
 # %% ../nbs/06c_run.ipynb #r0000004
 from __future__ import annotations
-import inspect, json, shutil, subprocess, sys
+import inspect, json, os, platform, shutil, subprocess, sys, time
 from pathlib import Path
 from typing import Annotated
 from fastai.torch_core import num_distrib, rank_distrib
 from .persist import *
+from .card import write_model_card
 from .data import gan_dls
 from .callbacks import *
 from .learner import *
@@ -18,7 +19,7 @@ from .distributed import init_distributed, on_rank0_first
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'recipe_options', 'Recipe', 'parse_label_map', 'parse_window', 'recipe_learner', 'RunFolderError',
-           'prepare_run_folder', 'train_run']
+           'prepare_run_folder', 'train_run', 'hardware', 'record_training']
 
 # %% ../nbs/06c_run.ipynb #r0000006
 def recipe_options(source:str=None, # DICOM/PNG/JPG folder (recursive); default: the demo brain MR series
@@ -209,11 +210,43 @@ def train_run(source:str=None, # DICOM/PNG/JPG folder; default: the demo brain M
         start = load_checkpoint(learn, ck)
         print(f'resuming {run} after epoch {start} from {ck.name}')
     elif resume: print(f'{run}: no checkpoint yet, starting from the beginning')
+    t0 = time.monotonic()
     if start >= epochs: print(f'{run}: {start} epochs done already (asked for {epochs})')
-    else: _fit_or_checkpoint(learn, run, epochs, start)
+    else:
+        done = None
+        try: _fit_or_checkpoint(learn, run, epochs, start); done = epochs
+        finally:  # an interrupted fit is recorded too: the epochs it completed and the time it took
+            if not rank_distrib(): record_training(learn, run, time.monotonic() - t0, learn.epoch if done is None else done)
     if rank_distrib(): return learn  # the first process exports
     # a label mapping is the user's own text: the app may then show its class names (else class indices only)
     g = export_generator(learn, run/'generator.pth', source=str(r.source or 'demo: MNI152 2009a T1'), arch=r.arch,
                          window=r.window, skip_blank=r.skip_blank, **({'label_map': r.label_map} if r.label_map else {}))
-    print(f'run folder {run}: samples/ loss.png loss.csv checkpoints/ {g.name}')
+    card = write_model_card(run)
+    print(f'run folder {run}: samples/ loss.png loss.csv checkpoints/ {g.name} {card.name}')
     return learn
+
+# %% ../nbs/06c_run.ipynb #bbc354ba
+def hardware()->str:
+    "The machine a run trains on, in words"
+    import torch
+    if torch.cuda.is_available(): return f'GPU: {torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})'
+    return f'CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads'
+
+def record_training(learn, # the learner after `fit`
+                    run, # the run folder
+                    seconds:float, # wall time of this fit
+                    epochs:int, # epochs done in all (1-based, as in the checkpoint names)
+                   )->dict:
+    "Add this fit to the run's `training.json` (epochs, kimg, wall time, hardware, data) and return it"
+    f,dls = Path(run)/'training.json', learn.dls
+    old = json.loads(f.read_text()) if f.exists() else {}
+    items = getattr(getattr(dls, 'cache', None), 'items', None)
+    count = lambda col: int(items[col].nunique()) if items is not None and col in items else None
+    rec = dict(epochs=int(epochs), kimg=round(learn.gan_state.crit_steps * dls.train.bs * max(num_distrib(), 1) / 1000, 3),
+               critic_steps=learn.gan_state.crit_steps, generator_steps=learn.gan_state.gen_steps,
+               wall_time_s=round(old.get('wall_time_s', 0.) + seconds, 1), hardware=hardware(),
+               processes=max(num_distrib(), 1), slices=len(dls.train_ds) + len(dls.valid_ds), train_slices=len(dls.train_ds),
+               series=count('series_uid'), patients=count('patient'), classes=[str(v) for v in getattr(dls, 'vocab', None) or []],
+               finished=time.strftime('%Y-%m-%dT%H:%M:%S'))
+    write_atomic(f, lambda p: Path(p).write_text(json.dumps(rec, indent=1)), overwrite=True)
+    return rec

@@ -100,3 +100,14 @@ def test_resume_skips_a_truncated_newest_checkpoint_and_removes_stale_temporarie
     assert 'skipped epoch_002.pth' in out and 'resuming' in out and 'after epoch 1' in out
     assert not stale.exists() and 'removed checkpoints/.epoch_003.a1b2c3d4.pth' in out
     _assert_same_weights(_weights(run, 2), _weights(shell_run, 2))  # epoch 2 trained again from epoch 1, exactly
+
+def test_model_card_of_a_run(shell_run, mr_dir):
+    "Written when training ends: data, resolved recipe, training length in kimg, pictures, intended use, licence as stated"
+    text = (shell_run/'model_card.md').read_text()
+    tr = json.loads((shell_run/'training.json').read_text())
+    assert tr['epochs'] == 2 and tr['kimg'] > 0 and 25 < tr['slices'] <= 35 and tr['wall_time_s'] > 0  # 35 files, blank ones left out
+    for part in ('## Data', '## Recipe', '## Training', 'not for diagnosis', 'loss.png', 'samples/epoch_002.png',
+                 '| kimg |', 'not stated (`--data-licence`)', '| HFS |'):
+        assert part in text, part
+    assert str(mr_dir) not in text                      # the data's folder by name, not its path
+    assert (shell_run/'model_card.html').read_text().count('<img') == 2
