@@ -61,3 +61,11 @@ def test_star_import():
     ns = {}
     exec('from medgan_fastai import *', ns)
     assert {'load_dicom', 'window_image', 'WINDOWS', 'DicomError'} <= ns.keys()
+
+def test_docs_build_refuses_object_reprs(tmp_path):
+    "A page that shows `<IPython.core.display.Image object>` instead of the picture fails the docs build"
+    page = tmp_path/'page.html'
+    page.write_text('<pre>&lt;IPython.core.display.Image object&gt;</pre><p>a &lt;b&gt; tag</p>')
+    ok = tmp_path/'ok.html'
+    ok.write_text('<img src="data:image/gif;base64,R0lGOD"><pre>&lt;Figure size 640x480 with 1 Axes&gt;</pre>')
+    assert [t for _, t in build_docs.unrendered_outputs([page, ok])] == ['&lt;IPython.core.display.Image object&gt;']

@@ -79,6 +79,11 @@ def _offline(nb, doc_url, up):
             if o.get('output') == 'false': tags.add('remove_output')
             c.source = '\n'.join(l for l in c.source.splitlines() if not l.startswith('#|'))
             for out in c.get('outputs', []):
+                data = out.get('data', {})
+                if 'image/gif' in data and 'text/html' not in data:  # nbconvert shows no GIF: embed it so it animates
+                    gif = ''.join(data['image/gif']) if isinstance(data['image/gif'], list) else data['image/gif']
+                    data['text/html'] = f'<img src="data:image/gif;base64,{gif.strip()}" alt="animation">'
+                    data.pop('text/plain', None)
                 for k in ('text/markdown', 'text/html'):
                     if k in out.get('data', {}):
                         v = out['data'][k]
@@ -151,6 +156,12 @@ def render_site(proc=PROC, site=SITE, names=None):
         if (NBS/d).exists(): shutil.copytree(NBS/d, site/d, dirs_exist_ok=True)
     return written
 
+_OBJECT_TEXT = re.compile(r'&lt;[A-Za-z_][\w.]* object(?: at 0x[0-9a-f]+)?&gt;')
+
+def unrendered_outputs(pages)->list:
+    "(page, text) for every `<... object>` repr a page shows where a picture or a value should be"
+    return [(p, m.group(0)) for p in pages for m in _OBJECT_TEXT.finditer(p.read_text())]
+
 def main(argv):
     readme = NBS/'index.ipynb'
     if '--readme' in argv:
@@ -187,6 +198,11 @@ def main(argv):
     unlinked = [p.relative_to(SITE).as_posix() for p in written if p.relative_to(SITE).as_posix() not in links]
     if len(written) != len(names) or unlinked:
         print('docs incomplete: pages not linked from index.html:', unlinked)
+        return 1
+    unrendered = unrendered_outputs(written)
+    if unrendered:
+        print('docs show objects as text instead of rendering them (display an image, a figure or a GIF instead):')
+        for page, text in unrendered: print(f'  {page.relative_to(SITE)}: {text}')
         return 1
     print(f'docs: {len(written)} pages in {SITE.relative_to(ROOT)}/ (open {index.relative_to(ROOT)})')
     return 0
