@@ -22,7 +22,13 @@ env: $(STAMP)
 DEMO_EPOCHS ?= 150
 demo: env
 	$(BIN)/medgan train --out runs/demo --epochs $(DEMO_EPOCHS) $$(test -f runs/demo/config.json && echo --resume)
-	@echo "samples: runs/demo/samples/ (progress.gif), losses: runs/demo/loss.png; next: $(BIN)/medgan serve runs/demo"
+	@echo ""
+	@echo "pictures: runs/demo/samples/progress.gif (every epoch), runs/demo/loss.png; what the run is: runs/demo/model_card.md"
+	@echo "next:"
+	@echo "  $(BIN)/medgan serve runs/demo                                 # explore it in the browser (http://127.0.0.1:7860)"
+	@echo "  $(BIN)/medgan evaluate runs/demo demo                         # score it against the demo slices (updates the model card)"
+	@echo "  $(BIN)/medgan generate runs/demo -n 64 --out runs/demo/synthetic --format dicom   # synthetic DICOM"
+	@echo "  $(BIN)/medgan export runs/demo --format onnx                  # run it without this library"
 
 # notebooks and the library in step, notebooks clean, then the tests, then the notebooks and docs
 check: env

@@ -162,7 +162,7 @@ def generate(model:str, # a run folder, a generator.pth, or a checkpoint
 _LOWER_IS_BETTER = ('swd', 'fid', 'kid', 'copy_rate', 'msssim')
 
 def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth files or checkpoints
-             source:str, # the real slices: DICOM/PNG/JPG folder
+             source:str, # the real slices: DICOM/PNG/JPG folder, or `demo` for the demo brain MR series
              n:int=1000, # generated images per model (and real slices, at most)
              metrics:str='swd,msssim,pr,memo', # comma-separated: swd, msssim, pr, memo, fid, kid, is
              seed:int=0, # first seed of the generated images
@@ -183,7 +183,7 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
         info = getattr(g, 'info', {}) or {}
         key = (g.size, str(info.get('window') or 'auto'))
         if key not in reals:  # the same real set for every model trained the same way
-            dls = gan_dls(source, size=g.size, window=_parse_window(str(info.get('window') or 'auto')), bs=16,
+            dls = gan_dls(None if source == 'demo' else source, size=g.size, window=_parse_window(str(info.get('window') or 'auto')), bs=16,
                           skip_blank=bool(info.get('skip_blank', True)), verbose=False)
             idx = list(dls.train_ds.items) + list(dls.valid_ds.items)
             reals[key] = dls.cache.gather(idx[:n]) * 2 - 1
