@@ -2,7 +2,7 @@
 
 - the cached loader (`gan_dls` batches after the cache exists) at 64 px and 128 px, images/s;
 - the first, uncached epoch (scan + decode + window + resize into the cache, then one epoch), images/s, against a naive
-  per-file loop (pydicom `dcmread` + `pixel_array` + min-max + PIL resize to 64 px, the seed's way); also the cache
+  per-file loop (pydicom `dcmread` + `pixel_array` + min-max + PIL resize to 64 px); also the cache
   build alone in this one process (`n_workers=0`), to show what the per-file work costs without the second core;
 - what training consumes: real images/s of the DCGAN step at 64 px, bs 64 (`gan_learner`).
 
@@ -26,7 +26,7 @@ def replicate(src, dst, copies):
     return len(files) * copies
 
 def naive_loop(folder, size=64):
-    "The seed's way: every file read and decoded, min-max scaled, resized with PIL"
+    "The naive way: every file read and decoded, min-max scaled, resized with PIL"
     import pydicom
     from PIL import Image
     n = 0

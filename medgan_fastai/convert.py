@@ -100,10 +100,10 @@ def convert_folder(src, # a folder of DICOM files, a file, or a list of files
     if fmt not in ('png', 'jpg'): raise ValueError(f"fmt must be 'png' or 'jpg', not {fmt!r}")
     if bits not in (8, 16) or (bits == 16 and fmt != 'png'): raise ValueError("bits must be 8, or 16 with fmt='png'")
     if isinstance(window, str) and window not in ('auto', 'file'): resolve_window(window)  # fail early on a misspelt preset
-    if isinstance(src, (str, os.PathLike)) and not Path(src).exists(): raise DicomError(src, 'no such file or folder')
+    if isinstance(src, (str, os.PathLike)) and not Path(src).exists(): raise SourceError(src, 'no such file or folder')
     dst = Path(dst).resolve()
     index = scan(src, n_workers=n_workers, progress=progress)
-    if not len(index): raise DicomError(src, 'no files found')
+    if not len(index): raise SourceError(src, 'no files found')
     roots = [Path(src)] if isinstance(src, (str, os.PathLike)) else [Path(f).parent for f in src]
     root = Path(os.path.commonpath([str(r.resolve()) for r in roots])) if roots else Path('.')
     if root.is_file(): root = root.parent

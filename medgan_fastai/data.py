@@ -6,7 +6,7 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/data.html.md"""
 
 # %% ../nbs/02b_data.ipynb #43c5f62c
 from __future__ import annotations
-import os
+import os, shutil
 from functools import partial
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -20,11 +20,11 @@ from fastai.torch_core import retain_types
 from fastai.vision.augment import Flip
 from fasttransform import Transform
 from .dicom import *
+from .series import SourceError
 from .slices import *
-from .slices import _windows
 
 # %% auto #0
-__all__ = ['MNI_TEMPLATE', 'DicomSlice', 'Window', 'SliceReader', 'SliceDL', 'DicomBlock', 'gan_dls', 'demo_series']
+__all__ = ['MNI_TEMPLATE', 'DicomSlice', 'Window', 'SliceReader', 'SliceDL', 'DicomBlock', 'LabelError', 'gan_dls', 'demo_series']
 
 # %% ../nbs/02b_data.ipynb #39414e23
 class DicomSlice(TensorImageBW):
@@ -40,11 +40,11 @@ class DicomSlice(TensorImageBW):
 # %% ../nbs/02b_data.ipynb #2e631bca
 class Window(Transform):
     "Window a tensor of modality units (HU for CT) to a `DicomSlice` in [0, 1]; a list of windows stacks channels"
-    def __init__(self, window='brain'): self.window = window
+    def __init__(self, window='brain'): self.window = window # a window spec (see `read_slice`)
     def encodes(self, x:torch.Tensor):
         a = x.detach().cpu().numpy().astype(np.float32)
         if a.ndim == 3 and a.shape[0] == 1: a = a[0]
-        ys = [window_image(a, *resolve_window(w, x=a)) for w in _windows(self.window)]
+        ys = [window_image(a, *resolve_window(w, x=a)) for w in window_list(self.window)]
         res = DicomSlice(torch.from_numpy(np.stack(ys)))
         res.window_title = window_title(self.window)
         return res
@@ -52,7 +52,12 @@ class Window(Transform):
 # %% ../nbs/02b_data.ipynb #9134fefa
 class SliceReader(Transform):
     "Type transform: a file, `(file, frame)` or cache index -> `DicomSlice`"
-    def __init__(self, window='auto', size:int|None=64, channels:int|None=None, cache:SliceCache|None=None):
+    def __init__(self,
+                 window='auto', # see `read_slice`; a list stacks windows as channels
+                 size:int|None=64, # side of the square slices
+                 channels:int|None=None, # repeat one window to this many channels
+                 cache:SliceCache|None=None, # read from this cache when items are indices
+                ):
         store_attr()
         self.title = window_title(window)
     def encodes(self, item):
@@ -62,6 +67,7 @@ class SliceReader(Transform):
         res.window_title = self.title
         return res
 
+# %% ../nbs/02b_data.ipynb #7e3c5b90
 def _reader(ds)->SliceReader|None:
     "The `SliceReader` of a fastai `Datasets` built with `DicomBlock`, if any"
     if not hasattr(ds, 'tls'): return None
@@ -87,6 +93,7 @@ class SliceDL(TfmdDL):
             b += tuple(torch.stack([tl[s] for s in chunk]) for tl in ds.tls[2:])
             yield retain_types(b, (b[0], b[1]) + tuple(tl[chunk[0]] for tl in ds.tls[2:]))
 
+# %% ../nbs/02b_data.ipynb #5e2a7d48
 def DicomBlock(window='auto', # see `read_slice`; a list stacks windows as channels
                size:int|None=64, # side of the square slices
                channels:int|None=None, # repeat one window to this many channels
@@ -95,6 +102,38 @@ def DicomBlock(window='auto', # see `read_slice`; a list stacks windows as chann
     "A fastai block for windowed DICOM (or PNG/JPG) slices, normalised to [-1, 1]"
     return TransformBlock(type_tfms=SliceReader(window, size, channels, cache),
                           batch_tfms=Normalize.from_stats(0.5, 0.5, cuda=False))
+
+# %% ../nbs/02b_data.ipynb #6c0a2e95
+class LabelError(ValueError):
+    "A class label that cannot be found for the slices: `label` names it, `reason` says why"
+    def __init__(self,
+                 label, # the label asked for: 'folder', a DICOM tag or a column
+                 reason:str): # what is wrong, in words
+        self.label,self.reason = str(label),reason
+        super().__init__(f"label {self.label!r}: {reason}")
+    def __reduce__(self): return type(self), (self.label, self.reason)
+
+def _label_fn(items:pd.DataFrame, label):
+    "Labels per cached slice: 'folder' (parent folder name) or a DICOM tag / column name"
+    if label == 'folder': return [Path(f).parent.name for f in items.file]
+    if label in items: return ['' if v is None or v != v else str(v) for v in items[label]]  # empty (read back as NaN): no label
+    raise LabelError(label, 'use "folder" or a DICOM tag kept with `tags=`')
+
+def _class_name(value:str, label_map)->str|None:
+    "The class of a raw label value through `label_map` (a dict or a function); None or '' leaves the slice out"
+    if label_map is None: name = value
+    elif callable(label_map): name = label_map(value)
+    else: name = label_map.get(value)
+    return None if name is None or str(name) == '' else str(name)
+
+def _labelled(items:pd.DataFrame, idxs:np.ndarray, label, label_map)->tuple:
+    "(cache indices, rows with a `label` column, number left out) of the slices that have a (mapped) class"
+    names = [_class_name(v, label_map) for v in _label_fn(items, label)]
+    has = np.array([n is not None for n in names], bool)
+    if not has.any(): raise LabelError(label, f'no slice has a (mapped) value; values seen: {sorted(set(_label_fn(items, label)))[:10]}')
+    items = items[has].reset_index(drop=True)
+    items['label'] = [n for n in names if n is not None]
+    return idxs[has], items, int((~has).sum())
 
 # %% ../nbs/02b_data.ipynb #a2fe9098
 def _split_idxs(items:pd.DataFrame, valid_pct:float, split_by:str|None, seed:int):
@@ -112,20 +151,15 @@ def _split_idxs(items:pd.DataFrame, valid_pct:float, split_by:str|None, seed:int
     idx = rng.permutation(len(items))
     return sorted(idx[:int(round(valid_pct * len(items)))].tolist())
 
-def _label_fn(items:pd.DataFrame, label):
-    "Labels per cached slice: 'folder' (parent folder name) or a DICOM tag / column name"
-    if label == 'folder': return [Path(f).parent.name for f in items.file]
-    if label in items: return items[label].fillna('').astype(str).tolist()  # an empty value (read back as NaN) is no label
-    raise ValueError(f'label {label!r}: use "folder" or a DICOM tag kept with `tags=`')
-
-def _class_name(value:str, label_map)->str|None:
-    "The class of a raw label value through `label_map` (a dict or a function); None or '' leaves the slice out"
-    if label_map is None: name = value
-    elif callable(label_map): name = label_map(value)
-    else: name = label_map.get(value)
-    return None if name is None or str(name) == '' else str(name)
-
 # %% ../nbs/02b_data.ipynb #7b0a0f33
+def _summary(dls, idxs, items, keep, cache, size, window, label, n_unlabelled)->str:
+    "`gan_dls`'s one line: slices used, blank and unlabelled ones left out, files skipped and why"
+    return (f'gan_dls: {len(idxs)} slices {size}x{size} ({window_title(window)}) from {len(set(items.file))} files; '
+            f'{int((~keep).sum())} blank left out; {len(cache.skipped)} files skipped'
+            + (f'; {len(dls.vocab)} classes ({", ".join(map(str, dls.vocab[:8]))}{", ..." if len(dls.vocab) > 8 else ""})' if label else '')
+            + (f'; {n_unlabelled} without a (mapped) label left out' if n_unlabelled else '')
+            + (f' ({"; ".join(cache.skipped.reason.astype(str).value_counts().index[:3])})' if len(cache.skipped) else ''))
+
 def gan_dls(source=None, # DICOM/PNG/JPG folder, list of files, or `scan` DataFrame; None: the demo data
             size:int=64, # side of the square slices
             bs:int=64, # batch size
@@ -142,7 +176,7 @@ def gan_dls(source=None, # DICOM/PNG/JPG folder, list of files, or `scan` DataFr
             seed:int=42, # split seed
             cache_dir=None, # where the decode-once cache lives
             num_workers:int=0, # loader worker processes (0: main process, fastest on small machines)
-            progress:bool=True,
+            progress:bool=True, # show progress bars
             verbose:bool=True, # print a one-line summary (slices used, skipped, blank)
             label_map=None, # dict or function: raw label value (e.g. a SeriesDescription) -> class name; unmapped slices are left out
            ):
@@ -153,23 +187,16 @@ def gan_dls(source=None, # DICOM/PNG/JPG folder, list of files, or `scan` DataFr
     tags = [label] if label and label != 'folder' and not own_column else None
     cache = prepare(source, size=size, window=window, channels=channels, tags=tags, cache_dir=cache_dir, progress=progress)
     if len(cache) == 0:
-        raise DicomError(source, f'no usable slices ({len(cache.skipped)} files skipped: '
-                                 f'{"; ".join(cache.skipped.reason.astype(str).unique()[:3])})')
+        raise SourceError(source, f'no usable slices ({len(cache.skipped)} files skipped: '
+                                  f'{"; ".join(cache.skipped.reason.astype(str).unique()[:3])})')
     keep = ~blank_mask(cache, blank_threshold, progress=progress) if skip_blank else np.ones(len(cache), bool)
     if not keep.any(): keep[:] = True  # all blank: a threshold problem, not a reason to train on nothing
     idxs = np.flatnonzero(keep)
     items = cache.items.iloc[idxs].reset_index(drop=True)
     n_unlabelled = 0
-    if label:
-        names = [_class_name(v, label_map) for v in _label_fn(items, label)]
-        has = np.array([n is not None for n in names], bool)
-        n_unlabelled = int((~has).sum())
-        if not has.any(): raise ValueError(f'label {label!r}: no slice has a (mapped) value; values seen: {sorted(set(_label_fn(items, label)))[:10]}')
-        idxs,items = idxs[has],items[has].reset_index(drop=True)
-        items['label'] = [n for n in names if n is not None]
+    if label: idxs,items,n_unlabelled = _labelled(items, idxs, label, label_map)
     valid = _split_idxs(items, valid_pct, split_by if valid_pct else None, seed)
-    blocks = [TransformBlock, DicomBlock(window, size, channels, cache)]
-    kw = {}
+    blocks,kw = [TransformBlock, DicomBlock(window, size, channels, cache)],{}
     if label:
         labels = dict(zip(idxs.tolist(), items['label']))
         blocks.append(CategoryBlock)
@@ -179,12 +206,7 @@ def gan_dls(source=None, # DICOM/PNG/JPG folder, list of files, or `scan` DataFr
     dls = dblock.dataloaders(idxs.tolist(), bs=min(bs, len(idxs) - len(valid)), num_workers=num_workers,
                              shuffle=True, drop_last=True)
     dls.cache,dls.items,dls.z_dim = cache,items,z_dim
-    if verbose:
-        print(f'gan_dls: {len(idxs)} slices {size}x{size} ({window_title(window)}) from {len(set(items.file))} files; '
-              f'{int((~keep).sum())} blank left out; {len(cache.skipped)} files skipped'
-              + (f'; {len(dls.vocab)} classes ({", ".join(map(str, dls.vocab[:8]))}{", ..." if len(dls.vocab) > 8 else ""})' if label else '')
-              + (f'; {n_unlabelled} without a (mapped) label left out' if n_unlabelled else '')
-              + (f' ({"; ".join(cache.skipped.reason.astype(str).value_counts().index[:3])})' if len(cache.skipped) else ''))
+    if verbose: print(_summary(dls, idxs, items, keep, cache, size, window, label, n_unlabelled))
     return dls
 
 # %% ../nbs/02b_data.ipynb #103fe039
@@ -207,7 +229,7 @@ def demo_series(folder=None, # default: `default_cache_dir()/'demo'/'mni152_2009
     aff = img.affine
     positions = [(-(aff[0, 3] + (vol.shape[0] - 1)), -(aff[1, 3] + (vol.shape[1] - 1)), aff[2, 3] + z) for z in zs]
     tmp = folder.with_name(f'.{folder.name}.{os.getpid()}.tmp')
-    if tmp.exists(): shutil.rmtree(tmp)
+    if tmp.exists(): shutil.rmtree(tmp)  # left by an interrupted run of this process id
     write_dicom_series(slices, tmp, modality='MR', units='modality', synthetic=False,
                        series_description='MNI ICBM152 2009a T1 template, axial (derived)',
                        pixel_spacing=(1.0, 1.0), slice_thickness=float(step), positions=positions)

@@ -1,4 +1,4 @@
-"""Score generated slices without downloaded weights: SWD, MS-SSIM diversity, precision/recall and a memorisation audit (FID, KID, IS and `evaluate` are in `scoring`)
+"""Score generated slices without downloaded weights: SWD, MS-SSIM diversity, precision/recall and a memorisation audit that shifts, mirrors and contrast changes cannot fool (FID, KID, IS and `evaluate` are in `scoring`)
 
 Docs: https://medgan-fastai.github.io/medgan_fastai/metrics.html.md"""
 
@@ -13,24 +13,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 import matplotlib.pyplot as plt
 from fastcore.basics import store_attr, patch
+from fastcore.meta import delegates
 from .persist import write_atomic
 
 # %% auto #0
 __all__ = ['MSSSIM_BETAS', 'image_batch', 'laplacian_pyramid', 'swd', 'blobs', 'msssim_setting', 'msssim_diversity',
-           'RandomConvEmbedding', 'image_features', 'precision_recall', 'MemorisationAudit', 'save_figure',
-           'memorisation_audit']
+           'RandomConvEmbedding', 'image_features', 'precision_recall', 'copy_similarity', 'data_copying_test',
+           'MemorisationAudit', 'save_figure', 'memorisation_audit']
 
 # %% ../nbs/07a_metrics.ipynb #e8177621
 def image_batch(x, # images: float (n, c, h, w) in [-1, 1], uint8 0..255, or (n, h, w) grayscale
                 name:str='images', # what `x` is, for the error message
-               )->torch.Tensor: # float32 (n, c, h, w) in [-1, 1] on the CPU
-    "`x` as a float32 CPU tensor `(n, c, h, w)` in [-1, 1]"
+                device='cpu', # where the result goes; None keeps a tensor on its own device
+               )->torch.Tensor: # float32 (n, c, h, w) in [-1, 1]
+    "`x` as a float32 tensor `(n, c, h, w)` in [-1, 1] (on the CPU unless told)"
     x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach()
     if x.ndim == 3: x = x[:, None]
     if x.ndim != 4 or x.shape[1] not in (1, 3) or len(x) == 0:
         raise ValueError(f'{name}: expected a non-empty stack (n, c, h, w) with c = 1 or 3, got shape {tuple(x.shape)}')
-    if x.dtype == torch.uint8: return x.cpu().float() / 127.5 - 1
-    return x.cpu().float()
+    x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+    return x if device is None else x.to(device)
 
 # %% ../nbs/07a_metrics.ipynb #0d80ed4c
 _binomial = torch.tensor([1., 4., 6., 4., 1.])
@@ -219,20 +221,170 @@ def precision_recall(real, # images (n, c, h, w) in [-1, 1]
     return dict(precision=_manifold_coverage(fr, _nn_distances(fr, k=k), ff),
                 recall=_manifold_coverage(ff, _nn_distances(ff, k=k), fr))
 
-# %% ../nbs/07a_metrics.ipynb #e4962959
+# %% ../nbs/07a_metrics.ipynb #0317499f
+def _flip_set(flips:bool)->list: return [(), (-1,), (-2,), (-2, -1)] if flips else [()]  # as is, horizontal, vertical, both
+
+def _fft_len(n:int)->int:
+    "The smallest length >= `n` with no prime factor above 5 (fast FFT sizes)"
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0: m //= p
+        if m == 1: return n
+        n += 1
+
+def _copy_view(x, band, eps):
+    "`x` band-passed, zero-mean and unit-std per image, and which images are blank (pixel std below `eps`)"
+    from torchvision.transforms.v2.functional import gaussian_blur
+    x = x.float()
+    blank = x.flatten(1).std(1) < eps
+    if band is not None:
+        sig = [b * x.shape[-1] / 64 for b in band]  # px at 64 px, scaled with the size
+        def blur(y, s): return gaussian_blur(y, [2 * math.ceil(3 * s) + 1] * 2, [s, s]) if s > 0 else y
+        x = blur(x, sig[0]) - blur(x, sig[1])
+    x = x - x.mean((1, 2, 3), keepdim=True)
+    return x / x.flatten(1).std(1).clamp_min(1e-12)[:, None, None, None], blank
+
+def _region_sums(x, ms:int)->tuple:
+    "Sums of `x` and `x**2` over the part of each image that overlaps an image shifted by (dy, dx), -ms..ms: two (n, S, S)"
+    c1 = F.pad(x.sum(1).cumsum(-1).cumsum(-2), (1, 0, 1, 0))  # summed-area tables
+    c2 = F.pad((x * x).sum(1).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+    h, w = x.shape[-2:]
+    d = torch.arange(-ms, ms + 1, device=x.device)
+    y0, y1, x0, x1 = (-d).clamp_min(0)[:, None], (h - d).clamp_max(h)[:, None], (-d).clamp_min(0)[None], (w - d).clamp_max(w)[None]
+    def box(c): return c[:, y1, x1] - c[:, y0, x1] - c[:, y1, x0] + c[:, y0, x0]
+    return box(c1), box(c2)
+
+# %% ../nbs/07a_metrics.ipynb #e9112254
+def _coarse(x, f:int):
+    "Images average-pooled by `f`, zero-mean and unit-norm: (n, d)"
+    x = F.avg_pool2d(x, f) if f > 1 else x
+    x = (x - x.mean((1, 2, 3), keepdim=True)).flatten(1)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+def _coarse_variants(x, f:int, cs:int, flips:bool):
+    "Every flip and every circular shift up to `cs` px of the pooled images: (n, variants, d)"
+    c = _coarse(x, f).view(len(x), x.shape[1], x.shape[-2] // f, x.shape[-1] // f)
+    vs = [torch.roll(c.flip(fl) if fl else c, (dy, dx), (-2, -1)) for fl in _flip_set(flips)
+          for dy in range(-cs, cs + 1) for dx in range(-cs, cs + 1)]
+    return torch.stack(vs, 1).flatten(2)
+
+def _candidates(a, ct, f:int, cs:int, flips:bool, k:int, same=None, chunk:int=2048):
+    "Indices (n, k) of the training slices most like each sample at the coarse scale; -1 where fewer than `k` may match"
+    cv = _coarse_variants(a, f, cs, flips)
+    n, v, d = cv.shape
+    best, idx = None, None
+    for j in range(0, len(ct), chunk):
+        sc = (cv.reshape(n * v, d) @ ct[j:j + chunk].T).view(n, v, -1).amax(1)
+        if same is not None: sc[same[:, j:j + chunk]] = -math.inf
+        ids = torch.arange(j, j + sc.shape[1], device=sc.device).expand(n, -1)
+        if best is not None: sc, ids = torch.cat([best, sc], 1), torch.cat([idx, ids], 1)
+        best, top = sc.topk(min(k, sc.shape[1]), 1)
+        idx = ids.gather(1, top)
+    return idx.masked_fill(best == -math.inf, -1)
+
+# %% ../nbs/07a_metrics.ipynb #24b5bfa5
+def _shifted_ncc(fa, a1, a2, b, ms:int, p:int):
+    "Best NCC over shifts up to `ms` and the flips in `fa` of each sample with each of its `k` images in `b`: (n, k)"
+    # fa: (n, flips, c, p, p//2+1) spectra of the samples' flips; a1, a2: their `_region_sums`, (n, flips, S, S); b: (n or 1, k, c, h, w)
+    nb, k, c, h, w = b.shape
+    fb = torch.fft.rfft2(b, s=(p, p))
+    corr = torch.fft.irfft2((fa.conj()[:, :, None] * fb[:, None]).sum(3), s=(p, p))  # [d] = sum_q a(q) b(q + d), no wrap-around
+    keep = torch.cat([torch.arange(p - ms, p), torch.arange(ms + 1)]).to(corr.device)  # shifts -ms..ms
+    sab = corr.index_select(-2, keep).index_select(-1, keep)  # (n, flips, k, S, S)
+    b1, b2 = (r.flip(-2, -1).view(nb, 1, k, 2 * ms + 1, 2 * ms + 1) for r in _region_sums(b.flatten(0, 1), ms))  # b's part at d is a's at -d
+    d = torch.arange(-ms, ms + 1, device=b.device)
+    cnt = ((h - d.abs())[:, None] * (w - d.abs())[None] * c).float()
+    a1, a2 = a1[:, :, None], a2[:, :, None]
+    cov = sab - a1 * b1 / cnt
+    # an overlap with (almost) no variance left says nothing: floor the variances at 1e-3 of the images' own
+    va, vb = (a2 - a1 * a1 / cnt).clamp_min(1e-3 * cnt), (b2 - b1 * b1 / cnt).clamp_min(1e-3 * cnt)
+    return (cov / (va * vb).sqrt()).amax((1, 3, 4))
+
+# %% ../nbs/07a_metrics.ipynb #51940aaa
+def copy_similarity(samples, # images (n, c, h, w) in [-1, 1]
+                    train, # training slices (m, c, h, w) of the same size
+                    max_shift:int|None=None, # largest shift searched, px (default: size/16, 4 px at 64 px)
+                    flips:bool=True, # also match the horizontal and vertical mirrors
+                    band:tuple|None=(1., 4.), # difference-of-Gaussians sigmas in px at 64 px (scaled with the size); None: plain NCC
+                    top_k:int|None=16, # candidates per sample the coarse pass keeps; None: score every pair exactly
+                    eps:float=1e-2, # images whose pixel std is below this are blank and score 0
+                    exclude=None, # (sample ids, train ids): never match a sample with a training slice of the same id
+                    bs:int=256, # samples per chunk (memory grows with it)
+                   )->tuple: # (similarity (n,) in [-1, 1], index (n,) of the best training slice, -1 if none), on `samples`' device
+    "Best normalised cross-correlation of each sample with any training slice over shifts and mirrors"
+    a, t = image_batch(samples, 'samples', None), image_batch(train, 'train', None)
+    t = t.to(a.device)
+    if a.shape[1:] != t.shape[1:]: raise ValueError(f'samples {tuple(a.shape[1:])} and train {tuple(t.shape[1:])} differ in shape')
+    h = min(a.shape[-2:])
+    ms = max(1, round(h / 16)) if max_shift is None else int(max_shift)
+    if not 0 <= ms < h // 2: raise ValueError(f'max_shift={ms}: expected 0 <= max_shift < {h // 2} for {h} px images')
+    a, a_blank = _copy_view(a, band, eps)
+    t, t_blank = _copy_view(t, band, eps)
+    same = None
+    if exclude is not None:
+        ea, et = (e.tolist() if hasattr(e, 'tolist') else list(e) for e in exclude)  # any hashable ids: numbers, strings
+        if (len(ea), len(et)) != (len(a), len(t)): raise ValueError(f'exclude: expected {len(a)} sample and {len(t)} train ids')
+        ids = {v: i for i, v in enumerate(dict.fromkeys(ea + et))}
+        ea, et = (torch.tensor([ids[v] for v in e], device=a.device) for e in (ea, et))
+        same = ea[:, None] == et[None]
+    p, f = _fft_len(h + ms), max(1, ms)
+    ct = _coarse(t, f)
+    pairs = max(1, 2 ** 26 // (len(_flip_set(flips)) * p * p))  # pairs per FFT product: about 1 GB of intermediates
+    sims, idxs = [], []
+    for i in range(0, len(a), bs):
+        ai = a[i:i + bs]
+        fl = [ai.flip(d) if d else ai for d in _flip_set(flips)]
+        fa = torch.stack([torch.fft.rfft2(y, s=(p, p)) for y in fl], 1)
+        a1, a2 = (torch.stack(r, 1) for r in zip(*[_region_sums(y, ms) for y in fl]))
+        si = None if same is None else same[i:i + bs]
+        if top_k is None:  # every training slice, shared by all samples of the chunk
+            cand, step = torch.arange(len(t), device=a.device).expand(len(ai), -1), max(1, pairs // len(ai))
+            s = [_shifted_ncc(fa, a1, a2, t[None, j:j + step], ms, p) for j in range(0, len(t), step)]
+            s = torch.cat(s, 1)
+        else:
+            cand = _candidates(ai, ct, f, math.ceil(ms / f), flips, top_k, si)
+            step = max(1, pairs // cand.shape[1])
+            s = torch.cat([_shifted_ncc(fa[j:j + step], a1[j:j + step], a2[j:j + step], t[cand[j:j + step].clamp_min(0)], ms, p)
+                           for j in range(0, len(ai), step)])
+        s = s.masked_fill((cand < 0) | t_blank[cand.clamp_min(0)], -math.inf)
+        if si is not None: s = s.masked_fill(si.gather(1, cand.clamp_min(0)), -math.inf)
+        v, j = s.max(1)
+        j = cand.gather(1, j[:, None])[:, 0]
+        none = (v == -math.inf) | a_blank[i:i + bs]
+        sims.append(v.clamp(-1, 1).masked_fill(none, 0.)); idxs.append(j.masked_fill(none, -1))
+    return torch.cat(sims), torch.cat(idxs)
+
+# %% ../nbs/07a_metrics.ipynb #bac1abb7
+def data_copying_test(sample_distance, # each generated sample's distance to the training set
+                      reference_distance, # each held-out real slice's distance to the training set
+                     )->dict: # `z` (Meehan et al.'s Z_U), `p` (one-sided U-test p-value: samples closer), `u`
+    "Meehan et al. (2020) data-copying test: Mann-Whitney U of sample vs held-out distances to the training set"
+    from scipy.stats import mannwhitneyu
+    x, y = np.asarray(sample_distance, np.float64), np.asarray(reference_distance, np.float64)
+    if min(len(x), len(y)) == 0: raise ValueError('data-copying test: both sets of distances must be non-empty')
+    r = mannwhitneyu(x, y, alternative='less')  # statistic: pairs in which the sample is the further one (ties count 1/2)
+    m, n = len(x), len(y)
+    z = (r.statistic - m * n / 2) / math.sqrt(m * n * (m + n + 1) / 12)
+    return dict(z=float(z), p=float(r.pvalue), u=float(r.statistic))
+
+# %% ../nbs/07a_metrics.ipynb #ba8ce3e7
 class MemorisationAudit:
-    "Nearest training slice of every sample, compared with the training set's own nearest-neighbour distances"
-    def __init__(self, samples, train, nn_index, nn_distance, train_nn_distance, quantile, space, n_show=8):
+    "Each sample's most similar training slice, against how similar held-out real slices come"
+    def __init__(self, samples, train, similarity, nn_index, reference_similarity, quantile, calibration, note='', n_show=8):
         store_attr()
-        self.threshold = torch.quantile(train_nn_distance, quantile).item()
-        self.copies = nn_distance < self.threshold
+        self.threshold = torch.quantile(reference_similarity.double(), quantile).item()
+        self.copies = similarity > self.threshold
         self.copy_rate = self.copies.float().mean().item()
+        self.copying_test = data_copying_test(1 - similarity, 1 - reference_similarity)
 
     def summary(self)->dict:
-        "JSON-able numbers: copy rate, threshold, and median sample-train and train-train distances"
-        return dict(copy_rate=self.copy_rate, copy_threshold=self.threshold, quantile=self.quantile, space=self.space,
-                    median_nn_distance=self.nn_distance.median().item(),
-                    median_train_nn_distance=self.train_nn_distance.median().item())
+        "JSON-able numbers: copy rate, threshold and how it was calibrated, median similarities, data-copying test"
+        return dict(copy_rate=self.copy_rate, copy_threshold=self.threshold, quantile=self.quantile,
+                    calibration=self.calibration, n_reference=len(self.reference_similarity),
+                    median_similarity=self.similarity.median().item(),
+                    median_reference_similarity=self.reference_similarity.median().item(),
+                    data_copying_z=self.copying_test['z'], data_copying_p=self.copying_test['p'], note=self.note)
 
     def __repr__(self): return f'{type(self).__name__}({self.summary()})'
 
@@ -245,62 +397,89 @@ def save_figure(fig, # a matplotlib figure
     if not write_atomic(fname, lambda p: fig.savefig(p, format='png', dpi=100, bbox_inches='tight'), overwrite):
         raise FileExistsError(f'{fname}: exists; pass overwrite=True to replace it')
 
-# %% ../nbs/07a_metrics.ipynb #0081bfe3
+# %% ../nbs/07a_metrics.ipynb #ce1d7fac
 def _show_slice(ax, x, title):
-    img = (x.clamp(-1, 1) + 1) / 2
-    ax.imshow(img[0] if len(img) == 1 else img.permute(1, 2, 0), cmap='gray', vmin=0, vmax=1)
+    img = (x.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    ax.imshow((img[0] if len(img) == 1 else img.permute(1, 2, 0)).numpy(), cmap='gray', vmin=0, vmax=1)
     ax.set_title(title, fontsize=8); ax.axis('off')
 
 @patch
 def show_pairs(self:MemorisationAudit,
-               n:int|None=None, # pairs to draw, the closest first (default: the audit's `n_show`)
-                fname=None, # PNG to write as well
-                overwrite:bool=False, # replace an existing `fname`
-               ):
-    "Draw the `n` closest sample/training pairs: samples on top, their nearest training slices below"
-    order = self.nn_distance.argsort()[:n or self.n_show]
+               n:int|None=None, # pairs to draw, the most similar first (default: the audit's `n_show`)
+               fname=None, # PNG to write as well
+               overwrite:bool=False, # replace an existing `fname`
+              ):
+    "Draw the `n` most similar sample/training pairs: samples on top, their best-matching training slices below"
+    order = self.similarity.argsort(descending=True)[:n or self.n_show]
     fig, axs = plt.subplots(2, len(order), figsize=(1.6 * len(order), 3.6), squeeze=False)
     for col, s in enumerate(order.tolist()):
-        d, t = self.nn_distance[s].item(), self.nn_index[s].item()
-        _show_slice(axs[0, col], self.samples[s], f'sample {s}\nd={d:.3f}' + (' COPY' if self.copies[s] else ''))
-        _show_slice(axs[1, col], self.train[t], f'train {t}')
-    fig.suptitle(f'closest pairs ({self.space} space), copy rate {self.copy_rate:.1%}', fontsize=9)
+        v, t = self.similarity[s].item(), self.nn_index[s].item()
+        _show_slice(axs[0, col], self.samples[s], f'sample {s}\ns={v:.3f}' + (' COPY' if self.copies[s] else ''))
+        if t >= 0: _show_slice(axs[1, col], self.train[t], f'train {t}')
+        else: axs[1, col].set_title('blank: no match', fontsize=8); axs[1, col].axis('off')
+    fig.suptitle(f'most similar pairs (shift/mirror-invariant NCC), copy rate {self.copy_rate:.1%}', fontsize=9)
     if fname is not None: save_figure(fig, fname, overwrite)
     return fig
 
 @patch
 def show_distances(self:MemorisationAudit,
-                    fname=None, # PNG to write as well
-                    overwrite:bool=False, # replace an existing `fname`
-                   ):
-    "Histogram of sample-to-train against train-to-train nearest-neighbour distances, with the copy threshold"
+                   fname=None, # PNG to write as well
+                   overwrite:bool=False, # replace an existing `fname`
+                  ):
+    "Histogram of the samples' and the held-out slices' best similarity to the training set, with the copy threshold"
     fig, ax = plt.subplots(figsize=(5, 3))
-    both = torch.cat([self.nn_distance, self.train_nn_distance])
-    bins = np.linspace(0, both.max().item() * 1.02 + 1e-9, 40)
-    ax.hist(self.train_nn_distance.numpy(), bins, alpha=0.6, density=True, label='train to train (leave-one-out)')
-    ax.hist(self.nn_distance.numpy(), bins, alpha=0.6, density=True, label='sample to train')
-    ax.axvline(self.threshold, color='k', ls='--', label=f'copy threshold ({self.quantile:.0%} quantile)')
-    ax.set_xlabel(f'nearest-neighbour distance ({self.space})'); ax.legend(fontsize=7)
+    bins = np.linspace(min(0., self.similarity.min().item(), self.reference_similarity.min().item()), 1, 41)
+    ax.hist(self.reference_similarity.numpy(), bins, alpha=0.6, density=True, label=f'held-out real ({self.calibration})')
+    ax.hist(self.similarity.numpy(), bins, alpha=0.6, density=True, label='samples')
+    ax.axvline(self.threshold, color='k', ls='--', label=f'copy threshold ({self.quantile:.0%} of held-out)')
+    z = self.copying_test['z']
+    ax.set_xlabel(f'best similarity to a training slice (data-copying Z_U = {z:.1f})'); ax.legend(fontsize=7)
     if fname is not None: save_figure(fig, fname, overwrite)
     return fig
 
-# %% ../nbs/07a_metrics.ipynb #6bfbfd61
+# %% ../nbs/07a_metrics.ipynb #0a4f93b6
+def _held_out_similarity(train, reference, groups, n_reference:int, seed:int, **kwargs)->tuple:
+    "Best similarity to `train` of held-out real slices (see above): (similarities, calibration, note)"
+    g = torch.Generator().manual_seed(seed)
+    def subset(n): return torch.randperm(n, generator=g)[:n_reference].sort().values
+    if reference is not None:
+        r = image_batch(reference, 'reference', None).to(train.device)
+        if r.shape[1] != train.shape[1]: raise ValueError(f'reference has {r.shape[1]} channels, training slices {train.shape[1]}')
+        if r.shape[-2:] != train.shape[-2:]: r = F.interpolate(r, size=train.shape[-2:], mode='bilinear', antialias=True, align_corners=False)
+        r = r[subset(len(r)).to(r.device)]
+        return copy_similarity(r, train, **kwargs)[0], 'reference', f'{len(r)} held-out reference slices'
+    ids = None if groups is None else (groups.tolist() if hasattr(groups, 'tolist') else list(groups))
+    if ids is not None and len(ids) != len(train): raise ValueError(f'groups: expected one id per training slice ({len(train)}), got {len(ids)}')
+    n_groups = 0 if ids is None else len(set(ids))
+    i = subset(len(train))
+    if n_groups >= 2:
+        sel = [ids[j] for j in i.tolist()]
+        sim = copy_similarity(train[i.to(train.device)], train, exclude=(sel, ids), **kwargs)[0]
+        return sim, 'groups', f'{len(i)} training slices, each against the other groups ({n_groups} groups: leave-one-group-out)'
+    sim = copy_similarity(train[i.to(train.device)], train, exclude=(i.tolist(), list(range(len(train)))), **kwargs)[0]
+    why = 'one group only' if n_groups == 1 else 'no reference or groups given'
+    return sim, 'leave-one-out', (f'{why}: the threshold comes from each training slice against all the others, which neighbouring '
+                                  'slices of a volume make near-copies of each other; copies may pass under it, so the copy rate is a '
+                                  'lower bound. Pass reference= (unseen patients) or groups= (patient ids) to calibrate it')
+
+# %% ../nbs/07a_metrics.ipynb #d8652762
+@delegates(copy_similarity, but=['exclude'])
 def memorisation_audit(samples, # generated images (n, c, h, w) in [-1, 1]
                        train, # the training slices (m, c, h, w), m >= 2
-                       quantile:float=0.01, # copy threshold: this quantile of the train-train distances
-                       space='pixel', # 'pixel' (RMS difference) or 'feature' (random embedding) or an nn.Module
+                       reference=None, # real slices of patients/series not trained on, which calibrate the threshold
+                       groups=None, # one patient/series id per training slice: without `reference`, hold out whole groups
+                       quantile:float=0.99, # copy threshold: this quantile of the held-out slices' best similarities
+                       n_reference:int=1000, # held-out slices scored at most (a random subset)
+                       seed:int=0, # seeds that subset
                        n_show:int=8, # default number of pairs `show_pairs` draws
+                       **kwargs, # passed to `copy_similarity`
                       )->MemorisationAudit:
-    "Find each sample's nearest training slice and the fraction of samples that are near-copies"
-    s, t = image_batch(samples, 'samples'), image_batch(train, 'train')
+    "Find each sample's most similar training slice and the fraction of samples closer than new real data comes"
+    s, t = image_batch(samples, 'samples', None), image_batch(train, 'train', None)
+    t = t.to(s.device)
     if len(t) < 2: raise ValueError('memorisation audit needs at least 2 training slices')
     if s.shape[1] != t.shape[1]: raise ValueError(f'samples have {s.shape[1]} channels, training slices {t.shape[1]}')
     if s.shape[-2:] != t.shape[-2:]: s = F.interpolate(s, size=t.shape[-2:], mode='bilinear', antialias=True, align_corners=False)
-    if space == 'pixel': fs, ft, scale = s.flatten(1), t.flatten(1), math.sqrt(t[0].numel())
-    else: fs, ft, scale = image_features(s, 'random' if space == 'feature' else space), image_features(t, 'random' if space == 'feature' else space), 1.
-    d, idx = [], []
-    for i in range(0, len(fs), 1024):
-        v, j = torch.cdist(fs[i:i + 1024], ft).min(1)
-        d.append(v); idx.append(j)
-    return MemorisationAudit(s, t, torch.cat(idx), torch.cat(d) / scale, _nn_distances(ft) / scale, quantile,
-                             space if isinstance(space, str) else type(space).__name__, n_show)
+    sim, idx = copy_similarity(s, t, **kwargs)
+    ref, calibration, note = _held_out_similarity(t, reference, groups, n_reference, seed, **kwargs)
+    return MemorisationAudit(s.cpu(), t.cpu(), sim.cpu(), idx.cpu(), ref.cpu(), quantile, calibration, note, n_show)

@@ -141,8 +141,8 @@ def metric_keys(metrics, # names from `METRICS`
     if bad: raise ValueError(f'unknown metrics {bad}: choose from {METRICS}')
     if n_levels is None: n_levels = max(1, int(math.log2(size / 16)) + 1) if size >= 16 else 1
     keys = dict(swd=[f'swd_{size >> l}' for l in range(n_levels)] + ['swd'], msssim=['msssim', 'msssim_real'],
-                pr=['precision', 'recall'], memo=['copy_rate', 'median_nn_distance', 'median_train_nn_distance'],
-                fid=['fid'], kid=['kid', 'kid_std'], is_=['is', 'is_std'])
+                pr=['precision', 'recall'], fid=['fid'], kid=['kid', 'kid_std'], is_=['is', 'is_std'],
+                memo=['copy_rate', 'copy_threshold', 'median_similarity', 'median_reference_similarity', 'data_copying_z', 'data_copying_p'])
     return [k for m in metrics for k in keys['is_' if m == 'is' else m]]
 
 # %% ../nbs/07b_scoring.ipynb #6ea56170
@@ -154,8 +154,9 @@ def evaluate(fake, # generated images (n, c, h, w) in [-1, 1]
              n_pairs:int=1000, # MS-SSIM pairs
              features='random', # precision/recall feature space: 'random', 'pixels' or an nn.Module
              k:int=3, # precision/recall neighbourhood size
-             memo_space='pixel', # memorisation audit space: 'pixel', 'feature' or an nn.Module
-             memo_quantile:float=0.01, # copy threshold quantile of train-train distances
+             memo_reference=None, # real slices of patients/series not trained on: calibrate the copy threshold
+             memo_groups=None, # one patient/series id per training slice, used when `memo_reference` is not given
+             memo_quantile:float=0.99, # copy threshold: this quantile of the held-out slices' best similarities
              inception_weights=None, # local Inception weights file for FID/KID/IS
              inception_feature:nn.Module|None=None, # replaces Inception for FID/KID/IS
              picture_dir=None, # folder for the memorisation pictures (`memorisation_pairs.png`, `memorisation_distances.png`)
@@ -171,9 +172,10 @@ def evaluate(fake, # generated images (n, c, h, w) in [-1, 1]
         res['msssim_real'] = msssim_diversity(real, n_pairs, seed)
     if 'pr' in metrics: res.update(precision_recall(real, fake, k, features))
     if 'memo' in metrics:
-        audit = memorisation_audit(fake, real if train is None else train, memo_quantile, memo_space)
+        audit = memorisation_audit(fake, real if train is None else train, reference=memo_reference, groups=memo_groups,
+                                   quantile=memo_quantile, seed=seed)
         s = audit.summary()
-        res.update({k_: s[k_] for k_ in ('copy_rate', 'median_nn_distance', 'median_train_nn_distance')})
+        res.update({k_: s[k_] for k_ in metric_keys(['memo'], min(real.shape[-2:]))})
         if picture_dir is not None:
             for fig in (audit.show_pairs(fname=Path(picture_dir)/'memorisation_pairs.png', overwrite=overwrite),
                         audit.show_distances(Path(picture_dir)/'memorisation_distances.png', overwrite)): plt.close(fig)

@@ -10,11 +10,11 @@ import os, warnings
 from pathlib import Path
 import pandas as pd
 from pydicom.dataset import Dataset
+from fastcore.parallel import parallel
 from .dicom import *
-from .dicom import _frame_group
 
 # %% auto #0
-__all__ = ['SCAN_COLUMNS', 'slice_position', 'scan_file', 'sort_slices', 'scan', 'scan_table']
+__all__ = ['SCAN_COLUMNS', 'slice_position', 'scan_file', 'sort_slices', 'scan_table', 'walk_files', 'SourceError', 'scan']
 
 # %% ../nbs/00b_series.ipynb #a7b9ac09
 def slice_position(ipp, # ImagePositionPatient (x, y, z) of the slice's first pixel
@@ -32,32 +32,33 @@ SCAN_COLUMNS = ['file', 'frame', 'frames', 'sop_class', 'modality', 'series_uid'
                 'size', 'mtime', 'ok', 'reason']
 
 def _text(ds, keyword):
-    v = ds.get(keyword, '') if ds is not None else ''
+    v = ds.get(keyword, '')
     return str(v).strip() if v is not None else ''
 
 def _int(ds, keyword, default=0):
-    try: return int(ds.get(keyword)) if ds is not None and ds.get(keyword) not in (None, '') else default
+    v = ds.get(keyword)
+    try: return int(v) if v not in (None, '') else default
     except (TypeError, ValueError): return default
 
-def scan_file(path, # a file
-              dataset=None, # its `Dataset` or `NativeDicom`, when the caller has read it
+def _header(path):
+    "`path`'s dataset with its long values (pixel data above all) left on disk"
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return read_dicom(path, defer_size=4096)
+
+def scan_file(source, # a file, or its `Dataset` read by `read_dicom`
              )->list: # one dict per frame (per file when it is not an image)
     "Header rows of one file for `scan`: never raises, problems go to `ok`/`reason`"
-    path = str(path)
+    path = str(source.filename) if isinstance(source, Dataset) else str(source)
     try: st = os.stat(path); size,mtime = st.st_size,st.st_mtime
     except OSError: size,mtime = 0,float('nan')
     row = dict(file=path, frame=0, frames=1, size=size, mtime=mtime, ok=False, reason='')
-    # a plain file's header costs a fifth of pydicom's parse through `read_native`; pydicom reads the rest
-    ds = dataset if dataset is not None else read_native(path, pixels=False)
     try:
-        if ds is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                ds = read_dicom(path, defer_size=4096)
-        if isinstance(ds, Dataset): row['reason'] = pixel_problem(ds)
+        ds = source if isinstance(source, Dataset) else _header(path)
+        row['reason'] = pixel_problem(ds)
     except DicomError as e: return [{**row, 'reason': e.reason}]
     except Exception as e: return [{**row, 'reason': f'unreadable header ({type(e).__name__}: {e})'}]
-    meta = getattr(ds, 'file_meta', None) or {}
+    meta = getattr(ds, 'file_meta', None) or Dataset()
     row.update(sop_class=_text(ds, 'SOPClassUID') or _text(meta, 'MediaStorageSOPClassUID'),
                modality=_text(ds, 'Modality'), series_uid=_text(ds, 'SeriesInstanceUID'),
                study_uid=_text(ds, 'StudyInstanceUID'), patient=_text(ds, 'PatientID'),
@@ -67,16 +68,14 @@ def scan_file(path, # a file
     n = n_frames(ds) if row['ok'] else 1
     rows = []
     for i in range(n):
-        pos = _frame_group(ds, i, 'PlanePositionSequence') if n > 1 else None
-        ori = _frame_group(ds, i, 'PlaneOrientationSequence') if n > 1 else None
+        pos = frame_group(ds, i, 'PlanePositionSequence') if n > 1 else None
+        ori = frame_group(ds, i, 'PlaneOrientationSequence') if n > 1 else None
         ipp = (pos or ds).get('ImagePositionPatient')
         iop = (ori or ds).get('ImageOrientationPatient')
         c,w = file_window(ds, i)
         rows.append({**row, 'frame': i, 'frames': n, 'position': slice_position(ipp, iop) if n == 1 or pos is not None else float('nan'),
                      'window_center': c, 'window_width': w})
     return rows
-
-def _scan_chunk(paths): return [r for p in paths for r in scan_file(p)]
 
 # %% ../nbs/00b_series.ipynb #3fcde39b
 def sort_slices(df:pd.DataFrame, # rows from `scan`
@@ -85,39 +84,7 @@ def sort_slices(df:pd.DataFrame, # rows from `scan`
     keys = [k for k in ('series_uid', 'position', 'instance', 'file', 'frame') if k in df.columns]
     return df.sort_values(keys, kind='stable', na_position='last').reset_index(drop=True)
 
-def _walk_files(folder:str, recursive:bool=True, seen:set|None=None):
-    "Files under `folder`, hidden ones skipped (`os.scandir`: no stat for plain files; a symlink loop is walked once)"
-    seen = set() if seen is None else seen
-    st = os.stat(folder)
-    if (st.st_dev, st.st_ino) in seen: return
-    seen.add((st.st_dev, st.st_ino))
-    for e in os.scandir(folder):
-        if e.name.startswith('.'): continue
-        if e.is_dir():
-            if recursive: yield from _walk_files(e.path, recursive, seen)
-        elif e.is_file(): yield e.path
-
-def _dicom_candidates(source, recursive):
-    "Files named by `source`: a folder (recursively), a file, or a list of files"
-    if isinstance(source, (str, os.PathLike)):
-        p = Path(source)
-        return sorted(_walk_files(str(p), recursive)) if p.is_dir() else [str(p)]
-    return [str(f) for f in source]
-
-def scan(source, # a folder, a file, or a list of files
-         recursive:bool=True, # look into sub-folders
-         n_workers:int|None=None, # worker processes (default: CPU count; 0 reads in this process)
-         progress:bool=True, # show a progress bar
-        )->pd.DataFrame: # one row per slice (per frame of multi-frame files), in `sort_slices` order
-    "Index the DICOM files under `source` from their headers, in parallel: one row per slice, bad files flagged"
-    from fastcore.parallel import parallel
-    files = _dicom_candidates(source, recursive)
-    if n_workers is None: n_workers = os.cpu_count() or 1
-    if len(files) < 200: n_workers = 0  # a process pool costs more than it saves on a small folder
-    chunks = [files[i:i+64] for i in range(0, len(files), 64)]
-    res = parallel(_scan_chunk, chunks, n_workers=n_workers, progress=progress and len(chunks) > 1, chunksize=1)
-    return scan_table([r for rs in res for r in rs])
-
+# %% ../nbs/00b_series.ipynb #9f4e2a16
 def scan_table(rows:list, # dicts from `scan_file`
               )->pd.DataFrame: # typed columns, in `sort_slices` order
     "`scan`'s table of the rows `scan_file` gave"
@@ -130,3 +97,52 @@ def scan_table(rows:list, # dicts from `scan_file`
         df[k] = ['' if v is None or v != v else str(v) for v in df[k]]  # NaN (a column no row has) -> ''
     df['ok'] = df['ok'].astype(bool)
     return sort_slices(df)
+
+# %% ../nbs/00b_series.ipynb #0a7c4e58
+def walk_files(folder, # the top folder
+               recursive:bool=True, # look into sub-folders
+               seen:set|None=None, # (device, inode) of the folders walked so far, shared by the recursion
+              ):
+    "The paths of the files under `folder`, hidden ones skipped, each folder walked once even through symlink loops"
+    seen = set() if seen is None else seen
+    st = os.stat(folder)
+    if (st.st_dev, st.st_ino) in seen: return
+    seen.add((st.st_dev, st.st_ino))
+    for e in os.scandir(folder):
+        if e.name.startswith('.'): continue
+        if e.is_dir():
+            if recursive: yield from walk_files(e.path, recursive, seen)
+        elif e.is_file(): yield e.path
+
+# %% ../nbs/00b_series.ipynb #7d4c1a26
+class SourceError(Exception):
+    "A source of slices (folder, file or list of files) that cannot be used as a whole: `source` names it, `reason` says why"
+    def __init__(self,
+                 source, # the folder, file or list given
+                 reason:str): # what is wrong, in words
+        self.source,self.reason = str(source),reason
+        super().__init__(f"{self.source}: {reason}")
+    def __reduce__(self): return type(self), (self.source, self.reason)
+
+# %% ../nbs/00b_series.ipynb #3c8d1a77
+def _dicom_candidates(source, recursive):
+    "Files named by `source`: a folder (recursively), a file, or a list of files"
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        return sorted(walk_files(str(p), recursive)) if p.is_dir() else [str(p)]
+    return [str(f) for f in source]
+
+def _scan_chunk(paths): return [r for p in paths for r in scan_file(p)]
+
+def scan(source, # a folder, a file, or a list of files
+         recursive:bool=True, # look into sub-folders
+         n_workers:int|None=None, # worker processes (default: CPU count; 0 reads in this process)
+         progress:bool=True, # show a progress bar
+        )->pd.DataFrame: # one row per slice (per frame of multi-frame files), in `sort_slices` order
+    "Index the DICOM files under `source` from their headers, in parallel: one row per slice, bad files flagged"
+    files = _dicom_candidates(source, recursive)
+    if n_workers is None: n_workers = os.cpu_count() or 1
+    if len(files) < 200: n_workers = 0  # a process pool costs more than it saves on a small folder
+    chunks = [files[i:i+64] for i in range(0, len(files), 64)]
+    res = parallel(_scan_chunk, chunks, n_workers=n_workers, progress=progress and len(chunks) > 1, chunksize=1)
+    return scan_table([r for rs in res for r in rs])

@@ -6,36 +6,39 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/slices.html.md"""
 
 # %% ../nbs/02a_slices.ipynb #43c5f62c
 from __future__ import annotations
-import ctypes, hashlib, json, os, shutil, time, zlib
-from concurrent.futures import ProcessPoolExecutor
+import ctypes, gc, hashlib, json, os, shutil, time, zlib
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from PIL import Image
+from pydicom.dataset import Dataset
+from fastcore.basics import patch
+from fastcore.parallel import ProcessPoolExecutor
 from fastprogress.fastprogress import progress_bar
 from .dicom import *
 from .series import *
-from .series import _walk_files
 
 # %% auto #0
-__all__ = ['IMAGE_SUFFIXES', 'window_title', 'square_slice', 'read_image_slice', 'read_slice', 'default_cache_dir',
-           'source_files', 'publish_folder', 'read_items', 'file_crc32', 'SliceCache', 'prepare', 'blank_mask']
+__all__ = ['IMAGE_SUFFIXES', 'window_title', 'window_list', 'square_slice', 'ImageFileError', 'read_image_slice', 'read_slice',
+           'default_cache_dir', 'source_files', 'publish_folder', 'read_items', 'file_crc32', 'SliceCache', 'prepare',
+           'blank_mask']
 
 # %% ../nbs/02a_slices.ipynb #74a2fa2b
-IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp'}
-
 def _is_pair(window)->bool:
     "Is `window` one explicit (center, width)?"
     return isinstance(window, (list, tuple)) and len(window) == 2 and all(isinstance(v, (int, float, np.number)) for v in window)
 
-def window_title(window)->str:
+def window_title(window, # a window spec (see `read_slice`)
+                )->str:
     "Short human-readable name of a window spec"
     if window is None: return 'auto'
     if isinstance(window, str): return window
     if _is_pair(window): return f'C{window[0]:g}/W{window[1]:g}'
     return '+'.join(window_title(w) for w in window)
 
-def _windows(window)->list:
-    "A window spec as a list of single windows (one per channel): a list is several, a (center, width) tuple one"
+# %% ../nbs/02a_slices.ipynb #8c3f5e07
+def window_list(window, # a window spec: one window, or a list of them
+               )->list:
+    "The single windows of a spec, one per channel: a list is several, a (center, width) tuple one"
     if isinstance(window, list) or (isinstance(window, tuple) and not _is_pair(window)): return list(window)
     return [window]
 
@@ -55,7 +58,20 @@ def square_slice(x:np.ndarray, # (h, w) float32 in [0, 1]
         x = sq
     return resize_slice(x, size)
 
+# %% ../nbs/02a_slices.ipynb #2c7d1e90
+class ImageFileError(Exception):
+    "An image file (PNG/JPG/TIFF) that cannot be used: `path` names the file, `reason` says why"
+    def __init__(self,
+                 path, # the file
+                 reason:str): # what is wrong, in words
+        self.path,self.reason = str(path),reason
+        super().__init__(f"{self.path}: {reason}")
+    # worker processes send errors back pickled; the default pickling would lose `reason`
+    def __reduce__(self): return type(self), (self.path, self.reason)
+
 # %% ../nbs/02a_slices.ipynb #1c262559
+IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp'}
+
 def read_image_slice(path, # a PNG/JPG/TIFF file (8 or 16 bit)
                     )->np.ndarray: # (h, w) float32 in [0, 1]
     "A grayscale image file as float32 in [0, 1]; 16-bit files keep their precision"
@@ -65,31 +81,23 @@ def read_image_slice(path, # a PNG/JPG/TIFF file (8 or 16 bit)
                 a = np.asarray(im, np.float32)
                 return a / (65535. if a.max() > 255 or im.mode.startswith('I;16') else 255.)
             return np.asarray(im.convert('L'), np.float32) / 255.
-    except FileNotFoundError: raise DicomError(path, 'file not found') from None
-    except Exception as e: raise DicomError(path, f'not a readable image ({type(e).__name__}: {e})') from None
+    except FileNotFoundError: raise ImageFileError(path, 'file not found') from None
+    except Exception as e: raise ImageFileError(path, f'not a readable image ({type(e).__name__}: {e})') from None
 
 # %% ../nbs/02a_slices.ipynb #65fcfe09
-def read_slice(item, # a DICOM or image file, or a `(file, frame)` pair
+def read_slice(item, # a DICOM or image file, or its `Dataset` read by `read_dicom`, or a `(file or Dataset, frame)` pair
                window='auto', # preset name, (center, width), 'file', 'auto', or a list of these (one channel each)
                size:int|None=64, # side of the square output
                channels:int|None=None, # repeat a single window to this many channels (e.g. 3 for RGB-pretrained models)
-               dataset=None, # the DICOM file already read (`read_dicom` or `read_native`), when the caller has it
               )->np.ndarray: # (c, size, size) float32 in [0, 1]
     "One slice ready for a model: read, modality LUT, window(s), resize"
-    file,frame = (item if isinstance(item, (tuple, list)) else (item, None))
-    file = str(file)
-    ws = _windows(window)
-    if os.path.splitext(file)[1].lower() in IMAGE_SUFFIXES:
-        # already windowed images: one channel as stored
-        chans = [square_slice(read_image_slice(file), size)]
+    src,frame = item if isinstance(item, (tuple, list)) else (item, None)
+    if not isinstance(src, Dataset) and os.path.splitext(str(src))[1].lower() in IMAGE_SUFFIXES:
+        chans = [square_slice(read_image_slice(src), size)]  # already windowed images: one channel as stored
     else:
         frame = None if frame is None or pd.isna(frame) else int(frame)
-        # one window: `dicom_slice` reads the file its fastest way; several: read once, window each
-        src = dataset if dataset is not None else file
-        if dataset is None and len(ws) > 1:
-            src = read_native(file)
-            if src is None: src = read_dicom(file)
-        chans = [square_slice(dicom_slice(src, frame, window=w), size) for w in ws]
+        ds = src if isinstance(src, Dataset) else read_dicom(src)
+        chans = [square_slice(dicom_slice(ds, frame, window=w), size) for w in window_list(window)]
     out = np.stack(chans)
     if channels and out.shape[0] == 1 and channels > 1: out = np.repeat(out, channels, 0)
     return out
@@ -99,15 +107,17 @@ def default_cache_dir()->Path:
     "Where caches go: `$MEDGAN_CACHE`, else `~/.cache/medgan_fastai`"
     return Path(os.environ.get('MEDGAN_CACHE') or Path.home()/'.cache'/'medgan_fastai')
 
+# %% ../nbs/02a_slices.ipynb #7d4c1a26
 _NOT_SLICES = {'.csv', '.json', '.txt', '.md'}
 
-def source_files(source)->list:
-    "The candidate files of a folder (recursively), a file, or a list of files; hidden files and our reports skipped"
+def source_files(source, # a folder (walked recursively), a file, or a list of files
+                )->list:
+    "The candidate files of a source; hidden files and our reports skipped"
     if isinstance(source, (list, tuple)): return [Path(p) for p in source]
     p = Path(source)
     if p.is_file(): return [p]
-    if not p.is_dir(): raise DicomError(p, 'no such file or folder')
-    return [Path(f) for f in sorted(_walk_files(str(p))) if os.path.splitext(f)[1].lower() not in _NOT_SLICES
+    if not p.is_dir(): raise SourceError(p, 'no such file or folder')
+    return [Path(f) for f in sorted(walk_files(str(p))) if os.path.splitext(f)[1].lower() not in _NOT_SLICES
             and os.path.basename(f) != 'LICENSE']
 
 def _stat_key(files)->list:
@@ -119,32 +129,39 @@ def _stat_key(files)->list:
     return out
 
 # %% ../nbs/02a_slices.ipynb #2a676d51
-def _malloc_for_big_buffers():
-    "Keep glibc from returning and re-faulting the multi-MB decode buffers on every slice (measured ~2x on 512x512 CT)"
+def _worker_init():
+    "Set up a decoding process"
+    # glibc would return and re-fault the multi-MB decode buffers on every slice (measured ~2x on 512x512 CT)
     try: ctypes.CDLL('libc.so.6').mallopt(-3, 64 * 1024 * 1024)  # M_MMAP_THRESHOLD
     except Exception: pass
-
-_READ_WHOLE_BELOW = 256 * 2**20  # bytes: bigger DICOM files are decoded frame by frame from disk, never held whole
+    # the objects inherited from the parent: never traversed by this process's collector, so their pages stay shared
+    gc.freeze()
 
 def _u16(x): return np.round(np.clip(x, 0, 1) * 65535).astype(np.uint16)
 
-def _decode_one(file, frame, window, size, channels, tags, ds=None):
-    "(uint16 slice or None, reason, labels) of one item; never raises"
+def _open(file:str):
+    "A DICOM file's `Dataset`, read once for all its slices and labels; an image file as its path"
+    return file if os.path.splitext(file)[1].lower() in IMAGE_SUFFIXES else read_dicom(file)
+
+def _decode_one(src, frame, window, size, channels, tags):
+    "(uint16 slice or None, reason, labels) of one slice of `src` (a `Dataset` or an image file); never raises"
     try:
-        hdr = ds
-        if ds is None and tags and os.path.splitext(file)[1].lower() not in IMAGE_SUFFIXES:
-            # labels from DICOM tags: one read for the tags and the pixels; a big file: its header, then frame by frame
-            if os.path.getsize(file) <= _READ_WHOLE_BELOW: ds = hdr = read_dicom(file)
-            else: hdr = read_dicom(file, stop_before_pixels=True)
-        x = read_slice((file, frame), window, size, channels, dataset=ds)
-        return _u16(x), '', ({t: str(hdr.get(t, '')) for t in tags} if tags and hdr is not None else {})
-    except DicomError as e: return None, e.reason, {}
+        x = read_slice((src, frame), window, size, channels)
+        return _u16(x), '', ({t: str(src.get(t, '')) for t in tags} if tags and isinstance(src, Dataset) else {})
+    except (DicomError, ImageFileError) as e: return None, e.reason, {}
     except Exception as e: return None, f'{type(e).__name__}: {e}', {}
 
 def _decode_chunk(args):
-    "Worker: decode a list of (file, frame) items: [(None, slice, reason, labels)]"
+    "Worker: decode a list of (file, frame) items, the frames of a file from one read: [(None, slice, reason, labels)]"
     items,window,size,channels,tags = args
-    return [(None, *_decode_one(file, frame, window, size, channels, tags)) for file,frame in items]
+    out,last,src = [],None,None
+    for file,frame in items:
+        if file != last:
+            last = file
+            try: src = _open(file)
+            except DicomError as e: src = e
+        out.append((None, None, src.reason, {}) if isinstance(src, DicomError) else (None, *_decode_one(src, frame, window, size, channels, tags)))
+    return out
 
 def _scan_decode_file(file, window, size, channels, tags):
     "[(scan row, slice, reason, labels)] for each slice of one file, from one read of it"
@@ -152,14 +169,10 @@ def _scan_decode_file(file, window, size, channels, tags):
         st = os.stat(file)
         return [(dict(file=file, frame=0, frames=1, size=st.st_size, mtime=st.st_mtime, ok=True, reason=''),
                  *_decode_one(file, 0, window, size, channels, tags))]
-    # a plain file: `read_native` gives header and pixels in one read; others (and labels from tags): pydicom, once;
-    # a file too big to hold (a long clip) is read a frame at a time instead
-    ds = None if tags else read_native(file)
-    if ds is None and os.path.getsize(file) <= _READ_WHOLE_BELOW:
-        try: ds = read_dicom(file)
-        except DicomError: ds = None  # `scan_file` says why
-    return [(row, *(_decode_one(file, row['frame'], window, size, channels, tags, ds) if row['ok'] else (None, row['reason'], {})))
-            for row in scan_file(file, dataset=ds)]
+    try: ds = read_dicom(file)
+    except DicomError: return [(row, None, row['reason'], {}) for row in scan_file(file)]  # its row says why
+    return [(row, *(_decode_one(ds, row['frame'], window, size, channels, tags) if row['ok'] else (None, row['reason'], {})))
+            for row in scan_file(ds)]
 
 def _scan_decode_chunk(args):
     "Worker: scan and decode a list of files: [(scan row, slice, reason, labels)] per slice; problems become reasons"
@@ -168,7 +181,7 @@ def _scan_decode_chunk(args):
     for file in files:
         try: out += _scan_decode_file(file, window, size, channels, tags)
         except Exception as e:  # e.g. a file deleted since the folder was listed: its row says so, the build goes on
-            why = e.reason if isinstance(e, DicomError) else f'{type(e).__name__}: {e}'
+            why = e.reason if isinstance(e, (DicomError, ImageFileError)) else f'{type(e).__name__}: {e}'
             out.append((dict(file=file, frame=0, frames=1, ok=False, reason=why), None, why, {}))
     return out
 
@@ -189,7 +202,8 @@ def publish_folder(stage:Path, # a finished folder, private to this process
 # %% ../nbs/02a_slices.ipynb #a64bfeb6
 _TEXT_COLUMNS = ('file', 'reason', 'sop_class', 'modality', 'series_uid', 'study_uid', 'patient', 'photometric')
 
-def read_items(path)->pd.DataFrame:
+def read_items(path, # a cache's `items.csv`
+              )->pd.DataFrame:
     "A cache's item table, text columns as strings ('' when empty)"
     df = pd.read_csv(path, dtype={c: str for c in _TEXT_COLUMNS})
     for c in _TEXT_COLUMNS:
@@ -201,26 +215,30 @@ def read_items(path)->pd.DataFrame:
 def file_crc32(path, # any file
                chunk:int=16*2**20, # bytes read at a time
               )->int:
-    "CRC-32 of a file, read in chunks (a cache of 100,000 slices is never held in memory)"
+    "CRC-32 of a file, read in chunks"
     crc = 0
     with open(path, 'rb') as f:
         while b := f.read(chunk): crc = zlib.crc32(b, crc)
     return crc
 
-# %% ../nbs/02a_slices.ipynb #ad87eb48
-def _bounded_map(ex, fn, jobs, ahead:int):
-    "`ex.map(fn, jobs)` in order, with at most `ahead` jobs submitted and not yet consumed (bounded memory)"
-    from collections import deque
-    it,pending = iter(jobs),deque()
-    for j in it:
-        pending.append(ex.submit(fn, j))
-        if len(pending) >= ahead: break
-    while pending:
-        yield pending.popleft().result()
-        for j in it:
-            pending.append(ex.submit(fn, j)); break
-
 # %% ../nbs/02a_slices.ipynb #c5c205b5
+class _SliceWriter:
+    "Decoded slices of shape `shape` appended to the file `path` as they come; rows, reasons and labels kept alongside"
+    def __init__(self, path, shape):
+        self.path,self.shape,self.f = Path(path),shape,open(path, 'wb')
+        self.n,self.crc,self.rows,self.slots,self.reasons,self.labels = 0,0,[],[],[],[]
+    def take(self, results):
+        "Write the slices of one chunk's results, (row, slice or None, reason, labels) each"
+        for row,arr,reason,lab in results:
+            if arr is not None and arr.shape == self.shape:
+                b = np.ascontiguousarray(arr, np.uint16).tobytes()
+                self.f.write(b); self.crc = zlib.crc32(b, self.crc)
+                self.slots.append(self.n); self.n += 1; self.reasons.append('')
+            else:
+                self.slots.append(-1)
+                self.reasons.append(reason or f'decoded to shape {None if arr is None else arr.shape}, expected {self.shape}')
+            self.rows.append(row); self.labels.append(lab)
+
 def _reorder(path:Path, # a file of slices, each `per` shaped uint16
              order:np.ndarray, # slice `k` of the result is slice `order[k]` of the file
              per:tuple,
@@ -242,26 +260,46 @@ def _reorder(path:Path, # a file of slices, each `per` shaped uint16
     os.replace(f'{path}.order', path)
     return crc
 
+def _item_table(items, out:_SliceWriter, tags)->tuple:
+    "The item table in its final order and the CRC of the data file, rewritten in that order when the slices came otherwise"
+    if isinstance(items, pd.DataFrame):  # rows given: they keep their order
+        items['ok'],items['reason'] = [s >= 0 for s in out.slots],out.reasons
+        for t in (tags or []): items[t] = [l.get(t, '') for l in out.labels]
+        return items, out.crc
+    for r,s,why,lab in zip(out.rows, out.slots, out.reasons, out.labels):
+        r.update({t: lab.get(t, '') for t in tags or []}, ok=s >= 0, reason=why, _slot=s)
+    items = scan_table(out.rows)  # `sort_slices` order; the usable rows first
+    items = pd.concat([items[items.ok], items[~items.ok]], ignore_index=True)
+    order = items._slot[items.ok].to_numpy()
+    crc = out.crc if np.array_equal(order, np.arange(out.n)) else _reorder(out.path, order, out.shape)
+    return items.drop(columns='_slot'), crc
+
 # %% ../nbs/02a_slices.ipynb #3c6a928f
 class SliceCache:
     "Windowed, resized slices of a source in one memory-mapped uint16 array, built once and checked on open"
     def __init__(self, folder:Path): # a cache folder written by `SliceCache.build`
         self.folder = Path(folder)
-        meta = json.loads((self.folder/'meta.json').read_text())
-        self.meta = meta
-        self.shape = tuple(meta['shape'])
-        self.items = read_items(self.folder/'items.csv')
-        self.skipped = self.items[~self.items.ok.astype(bool)].reset_index(drop=True)
-        self.items = self.items[self.items.ok.astype(bool)].reset_index(drop=True)
+        self.meta = json.loads((self.folder/'meta.json').read_text())
+        self.shape = tuple(self.meta['shape'])
+        items = read_items(self.folder/'items.csv')
+        self.skipped = items[~items.ok].reset_index(drop=True)
+        self.items = items[items.ok].reset_index(drop=True)
         self.data = np.memmap(self.folder/'slices.u16', dtype=np.uint16, mode='r', shape=self.shape) if self.shape[0] else np.zeros(self.shape, np.uint16)
 
     def __len__(self): return self.shape[0]
     def __getitem__(self, i)->torch.Tensor:
         "Slice `i` as float32 `(c, h, w)` in [0, 1]"
-        return torch.from_numpy(self.data[i].astype(np.float32)) / 65535.
+        return self._floats(self.data[i])
     def gather(self, idxs)->torch.Tensor:
         "Slices `idxs` as one float32 batch `(n, c, h, w)` in [0, 1]"
-        return torch.from_numpy(self.data[np.asarray(idxs)].astype(np.float32)) / 65535.
+        return self._floats(self.data[np.asarray(idxs)])
+    @staticmethod
+    def _floats(x):
+        # scaled by numpy in place, in this thread: torch would split a batch-sized op over its threads, which stall
+        # whenever another process holds a core
+        x = x.astype(np.float32)
+        x *= np.float32(1 / 65535)
+        return torch.from_numpy(x)
     def __repr__(self): return f'SliceCache({len(self)} slices {self.shape[1:]} at {self.folder})'
 
     @staticmethod
@@ -277,85 +315,53 @@ class SliceCache:
             return (folder/'items.csv').exists()
         except Exception: return False
 
-    @classmethod
-    def build(cls,
-              items, # DataFrame rows with `file` and `frame` (e.g. from `scan`), or a list of files to scan as they are decoded
-              folder:Path, # where to write (created; replaced if it holds an invalid cache)
-              window='auto', size:int=64, channels:int|None=None,
-              tags:list|None=None, # DICOM tags to record per slice (labels)
-              n_workers:int|None=None, # decoding processes (default: all cores; 0: in this process)
-              progress:bool=True,
-              skipped:pd.DataFrame|None=None, # rows already known to be unusable (kept in the item table with their reason)
-             )->SliceCache:
-        "Decode, window and resize every item once into `folder`; bad files are kept as rows with a reason"
-        # a list of files is scanned in the same read that decodes it (one read per file, no separate header pass);
-        # its rows are put in `sort_slices` order afterwards, and the slices with them
-        final = Path(folder)
-        # built in a private folder and published by one rename: two processes building the same cache at once
-        # (parallel notebooks, two runs) never see each other's half-written files
-        folder = final.with_name(f'.{final.name}.{os.getpid()}.tmp')
-        if folder.exists(): shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        from_files = not isinstance(items, pd.DataFrame)
-        if from_files: units = [str(f) for f in items]
-        else:
-            items = items.reset_index(drop=True).copy()
-            units = list(zip(items.file.astype(str), items.frame))
-        n_workers = os.cpu_count() if n_workers is None else n_workers
-        chunk = max(1, min(32, len(units) // max(1, 4 * (n_workers or 1))))
-        jobs = [(units[i:i+chunk], window, size, channels, tags) for i in range(0, len(units), chunk)]
-        work = _scan_decode_chunk if from_files else _decode_chunk
-        tmp = folder/'slices.u16.tmp'
-        c = (len(_windows(window)) if channels is None or channels == 1 else channels)
-        rows,slots,reasons,labels = [],[],[],[]
-        n_ok,crc = 0,0
-        # decoded slices are appended to the file as they come and the CRC is taken on the way: memory stays flat
-        # whatever the number of slices (no array of them all, no mapped pages of the file)
-        out = open(tmp, 'wb')
-        def _take(res):
-            nonlocal n_ok,crc
-            for row,arr,reason,lab in res:
-                if arr is not None and arr.shape == (c, size, size):
-                    b = np.ascontiguousarray(arr, np.uint16).tobytes()
-                    out.write(b); crc = zlib.crc32(b, crc)
-                    slots.append(n_ok); n_ok += 1; reasons.append('')
-                else:
-                    slots.append(-1)
-                    reasons.append(reason or f'decoded to shape {None if arr is None else arr.shape}, expected {(c, size, size)}')
-                rows.append(row); labels.append(lab)
-        def _bar(it): return progress_bar(it, total=len(jobs), leave=False) if progress else it
-        try:
-            if n_workers and len(units) > 64:
-                with ProcessPoolExecutor(n_workers, initializer=_malloc_for_big_buffers) as ex:
-                    for res in _bar(_bounded_map(ex, work, jobs, 4 * n_workers)): _take(res)
-            else:
-                for res in _bar(map(work, jobs)): _take(res)
-        finally: out.close()
-        shape = (n_ok, c, size, size)
-        if from_files:
-            for r,s,why,lab in zip(rows, slots, reasons, labels):
-                r.update({t: lab.get(t, '') for t in tags or []}, ok=s >= 0, reason=why, _slot=s)
-            items = scan_table(rows)  # `sort_slices` order; the usable rows first
-            items = pd.concat([items[items.ok], items[~items.ok]], ignore_index=True)
-            order = items._slot[items.ok].to_numpy()
-            items = items.drop(columns='_slot')
-            if not np.array_equal(order, np.arange(n_ok)): crc = _reorder(tmp, order, shape[1:])
-        else:
-            items['ok'],items['reason'] = [s >= 0 for s in slots],reasons
-            for t in (tags or []): items[t] = [l.get(t, '') for l in labels]
-        crc = crc if int(np.prod(shape)) * 2 <= 2**30 else None  # `is_valid` re-checks the CRC of caches up to 1 GiB
-        os.replace(tmp, folder/'slices.u16')
-        items['index'] = np.where(items.ok, np.cumsum(items.ok) - 1, -1)
-        if skipped is not None and len(skipped): items = pd.concat([items, skipped.assign(ok=False, index=-1)], ignore_index=True)
-        items.to_csv(folder/'items.csv', index=False)
-        meta = dict(complete=True, shape=list(shape), crc32=crc, window=window_title(window), size=size,
-                    created=time.strftime('%Y-%m-%dT%H:%M:%S'))
-        (folder/'meta.json.tmp').write_text(json.dumps(meta))
-        os.replace(folder/'meta.json.tmp', folder/'meta.json')
-        return cls(publish_folder(folder, final, cls.is_valid))
+# %% ../nbs/02a_slices.ipynb #5f8c1e37
+@patch(cls_method=True)
+def build(cls:SliceCache,
+          items, # DataFrame rows with `file` and `frame` (e.g. from `scan`), or a list of files to scan as they are decoded
+          folder:Path, # where to write (created; replaced if it holds an invalid cache)
+          window='auto', # see `read_slice`
+          size:int=64, # side of the square slices
+          channels:int|None=None, # repeat one window to this many channels
+          tags:list|None=None, # DICOM tags to record per slice (labels)
+          n_workers:int|None=None, # decoding processes (default: all cores; 0: in this process)
+          progress:bool=True, # show a progress bar
+          skipped:pd.DataFrame|None=None, # rows already known to be unusable (kept in the item table with their reason)
+         )->SliceCache:
+    "Decode, window and resize every item once into `folder`; bad files are kept as rows with a reason"
+    final = Path(folder)
+    folder = final.with_name(f'.{final.name}.{os.getpid()}.tmp')  # private until `publish_folder`
+    if folder.exists(): shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    if isinstance(items, pd.DataFrame):
+        items = items.reset_index(drop=True).copy()
+        units,work = list(zip(items.file.astype(str), items.frame)),_decode_chunk
+    else: units,work = [str(f) for f in items],_scan_decode_chunk
+    n_workers = (os.cpu_count() if n_workers is None else n_workers) if len(units) > 64 else 0  # few files: no pool
+    chunk = max(1, min(32, len(units) // max(1, 4 * (n_workers or 1))))
+    jobs = [(units[i:i+chunk], window, size, channels, tags) for i in range(0, len(units), chunk)]
+    c = len(window_list(window)) if channels is None or channels == 1 else channels
+    out = _SliceWriter(folder/'slices.u16.tmp', (c, size, size))
+    try:
+        with ProcessPoolExecutor(n_workers, initializer=_worker_init) as ex:  # 0 workers: fastcore maps in this process
+            res = ex.map(work, jobs)
+            for r in progress_bar(res, total=len(jobs), leave=False) if progress else res: out.take(r)
+    finally: out.f.close()
+    items,crc = _item_table(items, out, tags)
+    shape = (out.n, *out.shape)
+    os.replace(out.path, folder/'slices.u16')
+    items['index'] = np.where(items.ok, np.cumsum(items.ok) - 1, -1)
+    if skipped is not None and len(skipped): items = pd.concat([items, skipped.assign(ok=False, index=-1)], ignore_index=True)
+    items.to_csv(folder/'items.csv', index=False)
+    meta = dict(complete=True, shape=list(shape), crc32=crc if int(np.prod(shape)) * 2 <= 2**30 else None,  # `is_valid` checks up to 1 GiB
+                window=window_title(window), size=size, created=time.strftime('%Y-%m-%dT%H:%M:%S'))
+    (folder/'meta.json.tmp').write_text(json.dumps(meta))
+    os.replace(folder/'meta.json.tmp', folder/'meta.json')  # written last: a cache without it is incomplete
+    return cls(publish_folder(folder, final, cls.is_valid))
 
 # %% ../nbs/02a_slices.ipynb #81d5d00f
 def _cache_key(files_stat, window, size, channels, tags)->str:
+    "Name of the cache folder of these files (with their sizes and mtimes) and settings"
     h = hashlib.sha1(json.dumps([files_stat, window_title(window), repr(window), size, channels, tags, 2]).encode())
     return h.hexdigest()[:20]
 
@@ -366,7 +372,7 @@ def prepare(source, # folder, file, list of files, or a `scan` DataFrame
             tags:list|None=None, # DICOM tags to keep per slice (for labels)
             cache_dir=None, # default: `default_cache_dir()/'slices'`
             n_workers:int|None=None, # decoding processes
-            progress:bool=True,
+            progress:bool=True, # show a progress bar
            )->SliceCache:
     "The decode-once cache of `source`, built now if no valid one exists"
     if isinstance(source, pd.DataFrame):
@@ -380,7 +386,7 @@ def prepare(source, # folder, file, list of files, or a `scan` DataFrame
     folder = Path(cache_dir or default_cache_dir()/'slices')/_cache_key(key_src, window, size, channels, tags)
     if SliceCache.is_valid(folder): return SliceCache(folder)
     if not isinstance(source, pd.DataFrame):
-        if not files: raise DicomError(source, 'no files found')
+        if not files: raise SourceError(source, 'no files found')
         return SliceCache.build(files, folder, window, size, channels, tags, n_workers, progress)
     todo = source[source.ok.astype(bool)] if 'ok' in source else source
     bad = source[~source.ok.astype(bool)] if 'ok' in source else source.iloc[:0]
@@ -388,8 +394,11 @@ def prepare(source, # folder, file, list of files, or a `scan` DataFrame
                             channels, tags, n_workers, progress, skipped=bad)
 
 # %% ../nbs/02a_slices.ipynb #7b45e8fa
-def blank_mask(cache:SliceCache, threshold:float=0.05, max_fraction:float=0.95,
-               progress:bool=True)->np.ndarray: # a progress bar on big caches
+def blank_mask(cache:SliceCache, # the cache to test
+               threshold:float=0.05, # values below this count as background
+               max_fraction:float=0.95, # blank when more than this fraction is background
+               progress:bool=True, # a progress bar on big caches
+              )->np.ndarray:
     "Boolean array: which cached slices are blank (more than `max_fraction` of pixels below `threshold`)"
     out = np.zeros(len(cache), bool)
     if not len(cache): return out

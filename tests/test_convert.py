@@ -134,5 +134,5 @@ def test_a_rerun_that_converts_nothing_keeps_the_first_report(tmp_path):
 
 def test_convert_of_an_empty_folder_says_so(tmp_path):
     (tmp_path/'empty').mkdir()
-    with pytest.raises(DicomError, match='no files found'): convert_folder(tmp_path/'empty', tmp_path/'out', progress=False)
+    with pytest.raises(SourceError, match='no files found'): convert_folder(tmp_path/'empty', tmp_path/'out', progress=False)
     assert not (tmp_path/'out'/'report.csv').exists()

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np, pydicom, pytest, torch
 from medgan_fastai.data import *
 from medgan_fastai.slices import *
-from medgan_fastai.series import scan
+from medgan_fastai.series import scan, SourceError
 
 @pytest.fixture
 def cache_dir(tmp_path): return tmp_path/'cache'
@@ -88,20 +88,16 @@ def test_png_folder_splits_by_file(mr_dir, cache_dir, tmp_path):
     assert len(dls.valid_ds) == round(0.25 * 35) and len(dls.train_ds) == 35 - len(dls.valid_ds)
 
 def test_cache_second_run_reads_no_dicom(mr_dir, cache_dir, monkeypatch):
-    import builtins, importlib, pydicom.pixels, medgan_fastai.dicom as mdicom
+    import builtins, pydicom.pixels
     calls = []
     def counting(f, name):
         def wrapped(*a, **k):
             calls.append(name)
             return f(*a, **k)
         return wrapped
-    # every way the library reads DICOM: pydicom's full reads (scan, fallbacks), its pixel path, our native reader
+    # every way the library reads DICOM: pydicom's reads (one per file) and its frame-from-file decoding
     monkeypatch.setattr(pydicom, 'dcmread', counting(pydicom.dcmread, 'dcmread'))
     monkeypatch.setattr(pydicom.pixels, 'pixel_array', counting(pydicom.pixels.pixel_array, 'pixel_array'))
-    native = counting(mdicom.read_native, 'read_native')
-    for name in ('dicom', 'series', 'slices', 'data'):  # every module that holds a reference to it
-        m = importlib.import_module(f'medgan_fastai.{name}')
-        if hasattr(m, 'read_native'): monkeypatch.setattr(m, 'read_native', native)
     # and below all of them, any opening of a source file
     real_open = builtins.open
     def opening(file, *a, **k):
@@ -110,7 +106,7 @@ def test_cache_second_run_reads_no_dicom(mr_dir, cache_dir, monkeypatch):
     monkeypatch.setattr(builtins, 'open', opening)
     # 35 files: decoded in this process, so the counters see the first run's reads
     first = gan_dls(mr_dir/'HFP', size=32, bs=8, cache_dir=cache_dir, progress=False, verbose=False)
-    assert calls.count('read_native') + calls.count('dcmread') >= 35 and calls.count('open') >= 35
+    assert calls.count('dcmread') == 35 and calls.count('open') >= 35  # one read per file: scan rows and slice from it
     calls.clear()
     second = gan_dls(mr_dir/'HFP', size=32, bs=8, cache_dir=cache_dir, progress=False, verbose=False)
     assert calls == []
@@ -175,23 +171,27 @@ def test_two_processes_building_the_same_cache_at_once(mr_dir, tmp_path):
     assert not list((tmp_path/'cache'/'slices').glob('.*.tmp'))   # no staging folder left behind
 
 def test_big_files_are_decoded_frame_by_frame(tmp_path, monkeypatch):
-    "A file over the hold-in-memory limit goes frame by frame from disk, with the same slices (and labels) as the one-read path"
-    import medgan_fastai.slices as S
+    "Pixel data over the hold-in-memory limit stays on disk and is decoded a frame at a time, with the same slices and labels"
+    import medgan_fastai.dicom as D, pydicom.filereader
     from pydicom.data import get_testdata_file
     files = [get_testdata_file('emri_small.dcm'), get_testdata_file('emri_small_RLE.dcm'), get_testdata_file('CT_small.dcm')]
     whole = prepare(files, size=32, cache_dir=tmp_path/'a', progress=False, n_workers=0)
     whole_t = prepare(files, size=32, tags=['Modality'], cache_dir=tmp_path/'a', progress=False, n_workers=0)
-    monkeypatch.setattr(S, '_READ_WHOLE_BELOW', 0)
-    reads = []
-    real = S.read_dicom
-    monkeypatch.setattr(S, 'read_dicom', lambda *a, **k: reads.append(k.get('stop_before_pixels', False)) or real(*a, **k))
+    monkeypatch.setattr(D, 'MAX_HELD_BYTES', 4096)  # the test files' pixel data (8 to 80 KB) now counts as big
+    loads, frames = [], []
+    real_load, real_frame = pydicom.filereader.read_deferred_data_element, pydicom.pixels.pixel_array
+    monkeypatch.setattr(pydicom.filereader, 'read_deferred_data_element', lambda *a, **k: loads.append(a[-1].tag) or real_load(*a, **k))
+    monkeypatch.setattr(pydicom.pixels, 'pixel_array', lambda src, **k: frames.append((src, k.get('index'))) or real_frame(src, **k))
     framed = prepare(files, size=32, cache_dir=tmp_path/'b', progress=False, n_workers=0)
-    assert reads == [] and len(whole) == len(framed) == 10 + 10 + 1
+    assert 0x7FE00010 not in loads  # the pixel data was never read whole
+    assert sorted(frames) == sorted((f, i) for f, n in zip(files, (10, 10, 1)) for i in range(n))  # one decode per frame, from the file
+    assert len(whole) == len(framed) == 10 + 10 + 1
     assert list(whole.items.file) == list(framed.items.file) and np.array_equal(np.array(whole.data), np.array(framed.data))
     framed_t = prepare(files, size=32, tags=['Modality'], cache_dir=tmp_path/'b', progress=False, n_workers=0)
-    assert reads and all(reads)  # labels from headers only: no file read whole
     assert list(framed_t.items.Modality) == list(whole_t.items.Modality) == ['MR'] * 20 + ['CT']
     assert np.array_equal(np.array(whole_t.data), np.array(framed_t.data))
+    D.read_dicom(files[2]).PixelData  # (the watch works: using the pixel data of a dataset read this way loads it)
+    assert 0x7FE00010 in loads
 
 def test_a_file_gone_before_its_decode_is_a_reason(mr_dir, tmp_path):
     "Listed, then deleted (or an image that cannot be read): the build records why and goes on"
@@ -200,3 +200,33 @@ def test_a_file_gone_before_its_decode_is_a_reason(mr_dir, tmp_path):
     c = SliceCache.build([*files, gone, bad_png], tmp_path/'cache', size=32, n_workers=0, progress=False)
     assert len(c) == 5 and set(c.skipped.file) == {str(gone), str(bad_png)}
     assert all(r for r in c.skipped.reason)
+
+def test_demo_series_replaces_a_stale_temporary_folder(tmp_path):
+    "A build interrupted earlier leaves its private folder behind: the next one removes it and writes the series"
+    folder = tmp_path/'demo'
+    stale = tmp_path/f'.demo.{os.getpid()}.tmp'
+    stale.mkdir(); (stale/'half_written.dcm').write_bytes(b'x')
+    out = demo_series(folder, step=60)
+    assert out == folder and (folder/'.complete').exists() and not stale.exists()
+    files = sorted(folder.glob('*.dcm'))
+    assert len(files) == 4 and not (folder/'half_written.dcm').exists()
+    assert read_slice(files[1], size=32).std() > 0.05  # real anatomy
+
+def test_one_exception_type_per_problem(mr_dir, cache_dir, tmp_path):
+    "DICOM, image-file, source and label problems each raise their own type, with the file (or source, label) and the reason"
+    from medgan_fastai.dicom import DicomError, load_dicom
+    (tmp_path/'broken.png').write_text('not an image')
+    with pytest.raises(ImageFileError, match='broken.png: not a readable image') as e: read_slice(tmp_path/'broken.png')
+    assert not isinstance(e.value, DicomError) and e.value.reason.startswith('not a readable image')
+    with pytest.raises(DicomError, match='broken.png: not a DICOM file'): load_dicom(tmp_path/'broken.png')
+    with pytest.raises(SourceError, match='nowhere: no such file or folder'): gan_dls(tmp_path/'nowhere', cache_dir=cache_dir, progress=False)
+    (tmp_path/'empty').mkdir()
+    with pytest.raises(SourceError, match='no files found'): prepare(tmp_path/'empty', cache_dir=cache_dir, progress=False)
+    with pytest.raises(SourceError, match=r'no usable slices \(1 files skipped: not a readable image'):
+        gan_dls([tmp_path/'broken.png'], cache_dir=cache_dir, progress=False)
+    with pytest.raises(LabelError, match="label 'SeriesDescriptio': no slice has a") as e:  # a misspelt tag: read, empty everywhere
+        gan_dls(mr_dir/'HFS', size=32, label='SeriesDescriptio', cache_dir=cache_dir, progress=False, verbose=False)
+    assert isinstance(e.value, ValueError) and e.value.label == 'SeriesDescriptio'
+    import pickle  # worker processes send them back pickled: the reason survives
+    for err in (ImageFileError('a.png', 'why'), SourceError('src', 'why'), LabelError('folder', 'why')):
+        assert pickle.loads(pickle.dumps(err)).reason == 'why'

@@ -1,4 +1,4 @@
-"Tests for `medgan_fastai.metrics` and `medgan_fastai.scoring` on real MR slices (../shared/data/mr-t1-sag) and fastai's own GAN pieces."
+"Tests for `medgan_fastai.metrics` and `medgan_fastai.scoring` on real MR and CT slices (../shared/data) and fastai's own GAN pieces."
 import copy, json, math, socket, threading, time
 import numpy as np
 import pytest
@@ -6,9 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from medgan_fastai.dicom import load_dicom, read_dicom
+from medgan_fastai.slices import read_slice
+from medgan_fastai.series import scan
 import medgan_fastai.scoring as M
 from medgan_fastai.metrics import (swd, msssim_diversity, msssim_setting, precision_recall, image_features, memorisation_audit,
-                                   image_batch)
+                                   image_batch, copy_similarity)
 from medgan_fastai.scoring import (inception_metrics, inception_weights_file, InceptionWeightsError, INCEPTION_URL, evaluate,
                                    metric_keys, MetricsCallback)
 
@@ -100,26 +102,133 @@ def test_random_embedding_fixed():
     torch.manual_seed(7)
     assert torch.equal(a, image_features(x)) and a.shape == (4, 1024)
 
-# --- memorisation audit
+# --- memorisation audit: copies that a generator or augmentation changed, calibrated on held-out real slices
 
-def test_memorisation_flags_copier_not_held_out(mr_split, tmp_path):
-    train, held = mr_split
-    copier = memorisation_audit(train, train)  # a "generator" that replays training slices
-    assert copier.copy_rate == 1 and torch.equal(copier.nn_index, torch.arange(len(train)))
-    noisy = memorisation_audit(train[:30] + 0.02 * _noise((30, 1, 64, 64)), train)  # replays with a little noise
-    assert noisy.copy_rate == 1 and torch.equal(noisy.nn_index, torch.arange(30))
-    honest = memorisation_audit(held, train)  # returns real slices it never saw, between the training slices
-    # expected: about the 1% quantile; slightly more because each held-out slice lies between two training slices
-    assert honest.copy_rate <= 0.1
-    assert honest.train_nn_distance.shape == (len(train),) and (honest.train_nn_distance > 0).all()
-    s = honest.summary()
-    json.dumps(s)
-    assert s['median_nn_distance'] > s['copy_threshold']
-    assert memorisation_audit(held, train, space='feature').copy_rate <= 0.1
-    f1 = honest.show_pairs(fname=tmp_path/'pairs.png'); f2 = honest.show_distances(tmp_path/'dist.png')
+@pytest.fixture(scope='module')
+def mr_positions(mr_dir):
+    "The MR slices at 64 px in [-1, 1], per head position (one volunteer, four scans), each ordered by InstanceNumber"
+    out = {}
+    for pos in ('HFS', 'HFDL', 'HFDR', 'HFP'):
+        files = sorted((mr_dir/pos).glob('*.dcm'), key=lambda f: int(read_dicom(f, stop_before_pixels=True).InstanceNumber))
+        out[pos] = torch.from_numpy(np.stack([read_slice(f, size=64) for f in files])) * 2 - 1
+    return out
+
+@pytest.fixture(scope='module')
+def ct_volume(ct_dir):
+    "The 28 CT slices at 64 px in [-1, 1] (brain window), in anatomical order (position along the slice normal)"
+    df = scan(ct_dir, progress=False)
+    df = df[df.ok]
+    assert len(df) == 28 and df.position.is_monotonic_increasing
+    return torch.from_numpy(np.stack([read_slice(f, window='brain', size=64) for f in df.file])) * 2 - 1
+
+def _near_copies(x, seed=0, max_shift=3, noise=0.05):
+    "What a generator or augmentation may do to a memorised slice: shift (<= `max_shift` px), mirror, contrast x0.9..1.1, brightness, noise"
+    g, out = torch.Generator().manual_seed(seed), []
+    for im in x:
+        dy, dx = torch.randint(-max_shift, max_shift + 1, (2,), generator=g).tolist()
+        y = F.pad(im[None], (max_shift,) * 4, mode='replicate')[0, :, max_shift + dy:max_shift + dy + 64, max_shift + dx:max_shift + dx + 64]
+        if torch.rand(1, generator=g) < 0.5: y = y.flip(-1)
+        if torch.rand(1, generator=g) < 0.5: y = y.flip(-2)
+        c, b = 0.9 + 0.2 * torch.rand(1, generator=g), 0.1 * torch.rand(1, generator=g) - 0.05
+        out.append((y - y.mean()) * c + y.mean() + b + noise * torch.randn(y.shape, generator=g))
+    return torch.stack(out)
+
+def _blank_images(seed=0):
+    "Near-blank images: constants, constants with noise below and above one grey level, faint smooth gradients"
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing='ij')
+    const = torch.tensor([-1., -0.5, 0., 0.7])[:, None, None, None].expand(4, 1, 64, 64)
+    noisy = torch.stack([v + s * torch.randn(1, 64, 64, generator=g) for s in (1e-3, 0.02) for v in (-1., 0.)])
+    faint = torch.stack([-1 + a * f for a in (0.02, 0.05) for f in (xx, yy, torch.exp(-(xx ** 2 + yy ** 2) / 0.3))])[:, None]
+    return torch.cat([const, noisy, faint])
+
+def _mean_images(train, seed=0):
+    "The mean training slice, and 19 means of random halves of the training slices"
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([train.mean(0)] + [train[torch.randperm(len(train), generator=g)[:len(train) // 2]].mean(0) for _ in range(19)])
+
+def _old_rms_copy_rate(samples, train, quantile=0.01):
+    "The audit this one replaces: RMS pixel distance to the nearest training slice under the 1% quantile of train-train distances"
+    d = torch.cdist(samples.flatten(1), train.flatten(1)).min(1).values
+    tt = torch.cdist(train.flatten(1), train.flatten(1)).fill_diagonal_(math.inf).min(1).values
+    return (d < torch.quantile(tt, quantile)).float().mean().item()
+
+def test_copy_similarity_sees_through_shifts_mirrors_contrast(mr_positions):
+    train = mr_positions['HFS']
+    shifted = F.pad(train, (4, 4, 4, 4), mode='replicate')[..., 1:65, 7:71]  # 3 px down, 3 px left: the largest shift at 64 px is 4
+    for name, x in [('shift', shifted), ('mirror', train.flip(-1)), ('upside down', train.flip(-2)), ('both', train.flip(-2, -1)),
+                    ('contrast', train * 0.5 - 0.3), ('noise', train + 0.05 * _noise(train.shape))]:
+        sim, idx = copy_similarity(x, train)
+        assert (sim > 0.95).all() and torch.equal(idx, torch.arange(len(train))), name
+    assert copy_similarity(shifted, train, max_shift=1)[0].median() < 0.9  # beyond `max_shift` it is not searched
+    assert copy_similarity(train.flip(-1), train, flips=False)[0].median() < 0.9
+    # the coarse pass keeps the best candidate: the same values as scoring every pair exactly
+    x = torch.cat([_near_copies(train), mr_positions['HFP']])
+    fast, exact = copy_similarity(x, train)[0], copy_similarity(x, train, top_k=None)[0]
+    assert (fast <= exact + 1e-5).all() and ((exact - fast).abs() < 1e-4).float().mean() >= 0.95
+    # leave-one-out: with each slice's own id excluded, a slice finds a neighbour, not itself
+    sim, idx = copy_similarity(train, train, exclude=(range(35), range(35)))
+    assert (idx != torch.arange(35)).all() and sim.max() < 0.99
+    sim, idx = copy_similarity(_blank_images(), train)
+    assert (sim[:6] == 0).all() and (idx[:6] == -1).all() and sim.max() < 0.5  # blank and faint images match nothing well
+
+def test_memorisation_mr_patient_level_split(mr_positions, tmp_path):
+    "Train on three head positions, hold out the fourth (HFP); the threshold comes from each position against the other two"
+    train = torch.cat([mr_positions[p] for p in ('HFS', 'HFDL', 'HFDR')])
+    groups = [p for p in ('HFS', 'HFDL', 'HFDR') for _ in range(35)]
+    copies = _near_copies(train)
+    copier = memorisation_audit(copies, train, groups=groups)
+    assert copier.calibration == 'groups' and copier.copy_rate >= 0.95
+    assert (copier.nn_index == torch.arange(len(train))).float().mean() >= 0.95  # and it names the slice that was copied
+    assert copier.summary()['data_copying_z'] < -3
+    # the audit this one replaces misses most of these copies: a 1-3 px shift moves a slice further than its neighbours
+    assert _old_rms_copy_rate(copies, train) < 0.5
+    held = memorisation_audit(mr_positions['HFP'], train, groups=groups)  # real slices of a scan never trained on
+    assert held.copy_rate <= 0.05 and held.summary()['data_copying_z'] > -2
+    assert held.similarity.median() < held.threshold < copier.similarity.median()
+    blank = memorisation_audit(_blank_images(), train, groups=groups)
+    assert blank.copy_rate <= 0.05
+    mean = memorisation_audit(_mean_images(train), train, groups=groups)
+    assert mean.copy_rate <= 0.05
+    assert mean.similarity.min() > held.similarity.median()  # an average slice is alike to the training slices, but no copy
+    s = held.summary()
+    assert json.loads(json.dumps(s)) == s and s['n_reference'] == len(train) and 'leave-one-group-out' in s['note']
+    f1 = copier.show_pairs(fname=tmp_path/'pairs.png'); f2 = held.show_distances(tmp_path/'dist.png')
     for f in ('pairs.png', 'dist.png'): assert (tmp_path/f).read_bytes()[:4] == b'\x89PNG'
-    with pytest.raises(FileExistsError): honest.show_pairs(fname=tmp_path/'pairs.png')
-    assert len(f1.axes) == 16 and len(honest.show_pairs(3).axes) == 6
+    with pytest.raises(FileExistsError): copier.show_pairs(fname=tmp_path/'pairs.png')
+    assert len(f1.axes) == 16 and len(copier.show_pairs(3).axes) == 6 and len(blank.show_pairs(2).axes) == 4
+
+def test_memorisation_mr_reference(mr_positions):
+    "Train on two positions, calibrate on a third (HFDR): the fourth (HFP) is not flagged, copies are"
+    train = torch.cat([mr_positions['HFS'], mr_positions['HFDL']])
+    a = memorisation_audit(mr_positions['HFP'], train, reference=mr_positions['HFDR'])
+    assert a.calibration == 'reference' and a.copy_rate <= 0.05 and a.summary()['n_reference'] == 35
+    assert memorisation_audit(_near_copies(train, seed=1), train, reference=mr_positions['HFDR']).copy_rate >= 0.95
+    assert memorisation_audit(_mean_images(train), train, reference=mr_positions['HFDR']).copy_rate <= 0.05
+
+def test_memorisation_without_held_out_data_says_so(mr_positions):
+    train = mr_positions['HFS']
+    for groups in (None, ['HFS'] * 35):
+        a = memorisation_audit(mr_positions['HFP'], train, groups=groups)
+        assert a.calibration == 'leave-one-out' and 'lower bound' in a.note and 'lower bound' in a.summary()['note']
+    # neighbouring slices of one volume are near-copies: this threshold is high, and that is why it is a lower bound
+    assert a.threshold > memorisation_audit(mr_positions['HFP'], train, reference=mr_positions['HFDL']).threshold
+    with pytest.raises(ValueError, match='one id per training slice'): memorisation_audit(train, train, groups=[0, 1])
+
+def test_memorisation_ct_block_split(ct_volume):
+    "The single CT volume: train on slices 0-20, hold out the contiguous block 21-27; groups are blocks of 4 training slices"
+    # Slices of one series lie 1-7 mm apart and neighbours are near-duplicates (slices 13 and 14, 1.08 mm apart, have
+    # NCC ~0.99), so holding out every 4th slice would test how alike neighbours are, not unseen anatomy. A contiguous
+    # block held out, and contiguous blocks as the groups that calibrate the threshold, stand in for unseen patients:
+    # only the slices at a block's edge have a trained neighbour, as in the held-out block.
+    train, held = ct_volume[:21], ct_volume[21:]
+    groups = [i // 4 for i in range(21)]
+    copies = memorisation_audit(_near_copies(train), train, groups=groups)
+    assert copies.copy_rate >= 0.95 and copies.summary()['data_copying_z'] < -3
+    assert _old_rms_copy_rate(_near_copies(train), train) < 0.5
+    assert memorisation_audit(held, train, groups=groups).copy_rate <= 0.05
+    assert memorisation_audit(_blank_images(), train, groups=groups).copy_rate <= 0.05
+    assert memorisation_audit(_mean_images(train), train, groups=groups).copy_rate <= 0.05
 
 # --- FID / KID / IS plumbing
 # The Inception weights cannot be downloaded here, so these tests pass a small stand-in feature extractor through the
