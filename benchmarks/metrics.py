@@ -6,14 +6,22 @@
   directions) columns, as a straight port of the ProGAN code would do it (our `swd` sorts with numpy on contiguous
   rows); it also checks that both give the same value.
 
-Usage: .venv/bin/python benchmarks/metrics.py [--n 1000] [--size 64] [--repeats 3] [--naive]
+Copy detection (`copy_similarity`, `memorisation_audit`) is timed for `--n` samples against `--n-train` (10,000)
+training slices built from the real slices in ../shared/data (MR HFS/HFDL/HFDR and CT slices 0-20, each copy shifted
+up to size/16 px, mirrored, re-contrasted and noised); the samples are made the same way from slices never trained on
+(MR HFP, CT 21-27). Its reference is the plain RMS nearest neighbour (the audit it replaced: one torch.cdist of
+samples x training slices and a min), measured in the same run. Target: the whole audit under 60 s on 2 cores.
+
+Usage: .venv/bin/python benchmarks/metrics.py [--n 1000] [--size 64] [--repeats 3] [--naive] [--n-train 10000] [--copies-only]
 FID/KID/IS are not timed: they need the Inception weights (about 100 MB) and, at 10,000 images, a GPU.
 """
 import argparse, statistics, time
+from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from medgan_fastai.metrics import swd, msssim_diversity, precision_recall, _pyramid_patches, _normalised
+from medgan_fastai.metrics import (swd, msssim_diversity, precision_recall, _pyramid_patches, _normalised, copy_similarity,
+                                   memorisation_audit)
 
 def blobs(n, size, seed):
     "Smooth random images in [-1, 1] with slice-like structure at several scales"
@@ -45,11 +53,69 @@ def naive_swd(real, fake, seed=0, n_projections=512):
         out.append(1e3 * tot / n_projections)
     return float(np.mean(out))
 
+DATA = Path(__file__).resolve().parents[1].parent/'shared'/'data'
+
+def real_volumes(size):
+    "The real slices at `size` px in [-1, 1]: {name: (n, 1, size, size)} for the MR positions and the CT series, in slice order"
+    from medgan_fastai.dicom import read_dicom
+    from medgan_fastai.series import scan
+    from medgan_fastai.slices import read_slice
+    def stack(files, **kw): return torch.from_numpy(np.stack([read_slice(f, size=size, **kw) for f in files])) * 2 - 1
+    out = {p: stack(sorted((DATA/'mr-t1-sag'/p).glob('*.dcm'), key=lambda f: int(read_dicom(f, stop_before_pixels=True).InstanceNumber)))
+           for p in ('HFS', 'HFDL', 'HFDR', 'HFP')}
+    ct = scan(DATA/'ct-head', progress=False)
+    ct = stack(ct[ct.ok].file, window='brain')
+    out['CT'], out['CT held'] = ct[:21], ct[21:]
+    return out
+
+def augmented(x, n, seed):
+    "`n` images drawn from `x`, each shifted up to size/16 px, maybe mirrored, contrast x0.9..1.1 and noised; and their source index"
+    g = torch.Generator().manual_seed(seed)
+    size = x.shape[-1]
+    m = max(1, size // 16)
+    src = torch.randint(0, len(x), (n,), generator=g)
+    pad = F.pad(x, (m, m, m, m), mode='replicate')
+    dy, dx = (torch.randint(0, 2 * m + 1, (n,), generator=g) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(size))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(size))[:, None, None, :]
+    y = pad[src[:, None, None, None], torch.zeros(1, 1, 1, 1, dtype=torch.long), rows, cols]
+    flip = torch.rand(n, 2, generator=g) < 0.5
+    y = torch.where(flip[:, 0, None, None, None], y.flip(-1), y)
+    y = torch.where(flip[:, 1, None, None, None], y.flip(-2), y)
+    c = 0.9 + 0.2 * torch.rand(n, 1, 1, 1, generator=g)
+    return y * c + 0.05 * torch.randn(y.shape, generator=g), src
+
+def copy_rows(n, n_train, size, repeats):
+    "Time copy detection of `n` samples against `n_train` training slices, against the RMS nearest neighbour"
+    if not (DATA/'mr-t1-sag').is_dir(): return print(f'copy detection: real slices not found at {DATA}, skipped')
+    v = real_volumes(size)
+    names = ['HFS', 'HFDL', 'HFDR', 'CT']
+    base = torch.cat([v[k] for k in names])
+    volume = torch.cat([torch.full((len(v[k]),), i) for i, k in enumerate(names)])
+    train, src = augmented(base, n_train, 0)
+    groups = volume[src].tolist()  # the volume each training slice came from: the audit holds out whole volumes
+    held = torch.cat([v['HFP'], v['CT held']])
+    samples, _ = augmented(held, n, 1)
+    print(f'\ncopy detection: {n} samples (from unseen MR HFP and CT 21-27) against {n_train} training slices at {size} px '
+          f'(from {len(base)} real slices)')
+    fs, ft = samples.flatten(1), train.flatten(1)
+    rms = lambda: torch.cdist(fs, ft).min(1)
+    rms(); ref, _ = seconds(rms, max(repeats, 3))
+    print(f'reference RMS nearest neighbour (cdist {n}x{n_train} + min): {ref:.3f} s')
+    print(f"{'step':42s} {'seconds':>8s} {'x RMS NN':>9s}  value (target: audit < 60 s)")
+    t, (sim, _) = seconds(lambda: copy_similarity(samples, train), 1)
+    print(f"{'copy_similarity (top_k=16)':42s} {t:8.2f} {t / ref:9.0f}  median similarity {sim.median():.3f}")
+    t, a = seconds(lambda: memorisation_audit(samples, train, groups=groups), 1)
+    print(f"{'memorisation_audit (groups, 1000 held out)':42s} {t:8.2f} {t / ref:9.0f}  copy rate {a.copy_rate:.3f}, "
+          f"threshold {a.threshold:.3f}, Z_U {a.copying_test['z']:.1f}  {'ok' if t < 60 else 'OVER'}")
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--n', type=int, default=1000); p.add_argument('--size', type=int, default=64)
     p.add_argument('--repeats', type=int, default=3); p.add_argument('--naive', action='store_true')
+    p.add_argument('--n-train', type=int, default=10000); p.add_argument('--copies-only', action='store_true')
     a = p.parse_args()
+    if a.copies_only: return copy_rows(a.n, a.n_train, a.size, a.repeats)
     real, fake = blobs(a.n, a.size, 0), blobs(a.n, a.size, 1)
     print(f'{a.n} vs {a.n} images at {a.size} px, torch {torch.__version__}, {torch.get_num_threads()} threads')
     torch.cdist(real.flatten(1), fake.flatten(1))  # warm-up: the first call pays for thread pools and allocations
@@ -67,5 +133,6 @@ def main():
     for name, f in rows:
         t, v = seconds(f, a.repeats)
         print(f'{name:42s} {t:8.2f} {t / ref:8.0f}' + (f' {t / naive:12.3f}' if a.naive else '') + f'  {v}  {"ok" if t < 60 else "OVER"}')
+    copy_rows(a.n, a.n_train, a.size, a.repeats)
 
 if __name__ == '__main__': main()

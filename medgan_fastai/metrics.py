@@ -233,15 +233,22 @@ def _fft_len(n:int)->int:
         if m == 1: return n
         n += 1
 
+def _blur_matrix(n:int, sigma:float, device=None):
+    "(n, n) matrix `B`: `x @ B` is `x` blurred along its last axis by a Gaussian, with mirrored borders"
+    r = min(math.ceil(3 * sigma), n - 1)
+    k = torch.exp(-torch.arange(-r, r + 1., device=device) ** 2 / (2 * sigma ** 2))
+    eye = torch.eye(n, device=device)[:, None]  # blurring each unit impulse gives the rows of B
+    return F.conv1d(F.pad(eye, (r, r), mode='reflect'), (k / k.sum()).view(1, 1, -1))[:, 0]
+
 def _copy_view(x, band, eps):
     "`x` band-passed, zero-mean and unit-std per image, and which images are blank (pixel std below `eps`)"
-    from torchvision.transforms.v2.functional import gaussian_blur
     x = x.float()
     blank = x.flatten(1).std(1) < eps
-    if band is not None:
-        sig = [b * x.shape[-1] / 64 for b in band]  # px at 64 px, scaled with the size
-        def blur(y, s): return gaussian_blur(y, [2 * math.ceil(3 * s) + 1] * 2, [s, s]) if s > 0 else y
-        x = blur(x, sig[0]) - blur(x, sig[1])
+    if band is not None:  # a Gaussian blur is separable: two matrix products, much faster than a 2-d convolution
+        h, w = x.shape[-2:]
+        def blur(s): return x if s <= 0 else _blur_matrix(h, s, x.device).T @ x @ _blur_matrix(w, s, x.device)
+        lo, hi = (b * w / 64 for b in band)  # px at 64 px, scaled with the size
+        x = blur(lo) - blur(hi)
     x = x - x.mean((1, 2, 3), keepdim=True)
     return x / x.flatten(1).std(1).clamp_min(1e-12)[:, None, None, None], blank
 
@@ -284,15 +291,17 @@ def _candidates(a, ct, f:int, cs:int, flips:bool, k:int, same=None, chunk:int=20
     return idx.masked_fill(best == -math.inf, -1)
 
 # %% ../nbs/07a_metrics.ipynb #24b5bfa5
-def _shifted_ncc(fa, a1, a2, b, ms:int, p:int):
+def _shifted_ncc(fa, a1, a2, b, ms:int, p:tuple):
     "Best NCC over shifts up to `ms` and the flips in `fa` of each sample with each of its `k` images in `b`: (n, k)"
-    # fa: (n, flips, c, p, p//2+1) spectra of the samples' flips; a1, a2: their `_region_sums`, (n, flips, S, S); b: (n or 1, k, c, h, w)
+    # fa: (n, flips, c, *p) spectra of the samples' flips, `p` the padded size; a1, a2: their `_region_sums`, (n, flips, S, S);
+    # b: (n or 1, k, c, h, w)
     nb, k, c, h, w = b.shape
-    fb = torch.fft.rfft2(b, s=(p, p))
-    corr = torch.fft.irfft2((fa.conj()[:, :, None] * fb[:, None]).sum(3), s=(p, p))  # [d] = sum_q a(q) b(q + d), no wrap-around
-    keep = torch.cat([torch.arange(p - ms, p), torch.arange(ms + 1)]).to(corr.device)  # shifts -ms..ms
-    sab = corr.index_select(-2, keep).index_select(-1, keep)  # (n, flips, k, S, S)
-    b1, b2 = (r.flip(-2, -1).view(nb, 1, k, 2 * ms + 1, 2 * ms + 1) for r in _region_sums(b.flatten(0, 1), ms))  # b's part at d is a's at -d
+    fb = torch.fft.rfft2(b, s=p)
+    corr = torch.fft.irfft2((fa.conj()[:, :, None] * fb[:, None]).sum(3), s=p)  # [d] = sum_q a(q) b(q + d), no wrap-around
+    def keep(n): return torch.cat([torch.arange(n - ms, n), torch.arange(ms + 1)]).to(corr.device)  # shifts -ms..ms
+    sab = corr.index_select(-2, keep(p[0])).index_select(-1, keep(p[1]))  # (n, flips, k, S, S)
+    s = 2 * ms + 1
+    b1, b2 = (r.flip(-2, -1).view(nb, 1, k, s, s) for r in _region_sums(b.flatten(0, 1), ms))  # b's part at d is a's at -d
     d = torch.arange(-ms, ms + 1, device=b.device)
     cnt = ((h - d.abs())[:, None] * (w - d.abs())[None] * c).float()
     a1, a2 = a1[:, :, None], a2[:, :, None]
@@ -306,19 +315,19 @@ def copy_similarity(samples, # images (n, c, h, w) in [-1, 1]
                     train, # training slices (m, c, h, w) of the same size
                     max_shift:int|None=None, # largest shift searched, px (default: size/16, 4 px at 64 px)
                     flips:bool=True, # also match the horizontal and vertical mirrors
-                    band:tuple|None=(1., 4.), # difference-of-Gaussians sigmas in px at 64 px (scaled with the size); None: plain NCC
+                    band:tuple|None=(1., 4.), # difference-of-Gaussians sigmas, px at 64 px (scaled with the size); None: plain NCC
                     top_k:int|None=16, # candidates per sample the coarse pass keeps; None: score every pair exactly
                     eps:float=1e-2, # images whose pixel std is below this are blank and score 0
                     exclude=None, # (sample ids, train ids): never match a sample with a training slice of the same id
                     bs:int=256, # samples per chunk (memory grows with it)
-                   )->tuple: # (similarity (n,) in [-1, 1], index (n,) of the best training slice, -1 if none), on `samples`' device
+                   )->tuple: # (similarity (n,) in [-1, 1], index (n,) of the best training slice or -1), on `samples`' device
     "Best normalised cross-correlation of each sample with any training slice over shifts and mirrors"
     a, t = image_batch(samples, 'samples', None), image_batch(train, 'train', None)
     t = t.to(a.device)
     if a.shape[1:] != t.shape[1:]: raise ValueError(f'samples {tuple(a.shape[1:])} and train {tuple(t.shape[1:])} differ in shape')
-    h = min(a.shape[-2:])
-    ms = max(1, round(h / 16)) if max_shift is None else int(max_shift)
-    if not 0 <= ms < h // 2: raise ValueError(f'max_shift={ms}: expected 0 <= max_shift < {h // 2} for {h} px images')
+    h, w = a.shape[-2:]
+    ms = max(1, round(min(h, w) / 16)) if max_shift is None else int(max_shift)
+    if not 0 <= ms < min(h, w) // 2: raise ValueError(f'max_shift={ms}: expected 0 <= max_shift < {min(h, w) // 2} for {h}x{w} px')
     a, a_blank = _copy_view(a, band, eps)
     t, t_blank = _copy_view(t, band, eps)
     same = None
@@ -328,14 +337,14 @@ def copy_similarity(samples, # images (n, c, h, w) in [-1, 1]
         ids = {v: i for i, v in enumerate(dict.fromkeys(ea + et))}
         ea, et = (torch.tensor([ids[v] for v in e], device=a.device) for e in (ea, et))
         same = ea[:, None] == et[None]
-    p, f = _fft_len(h + ms), max(1, ms)
+    p, f = (_fft_len(h + ms), _fft_len(w + ms)), max(1, ms)  # zero-padded: shifts up to `ms` do not wrap around
     ct = _coarse(t, f)
-    pairs = max(1, 2 ** 26 // (len(_flip_set(flips)) * p * p))  # pairs per FFT product: about 1 GB of intermediates
+    pairs = max(1, 2 ** 24 // (len(_flip_set(flips)) * p[0] * p[1]))  # pairs per FFT product: about 250 MB of intermediates
     sims, idxs = [], []
     for i in range(0, len(a), bs):
         ai = a[i:i + bs]
         fl = [ai.flip(d) if d else ai for d in _flip_set(flips)]
-        fa = torch.stack([torch.fft.rfft2(y, s=(p, p)) for y in fl], 1)
+        fa = torch.stack([torch.fft.rfft2(y, s=p) for y in fl], 1)
         a1, a2 = (torch.stack(r, 1) for r in zip(*[_region_sums(y, ms) for y in fl]))
         si = None if same is None else same[i:i + bs]
         if top_k is None:  # every training slice, shared by all samples of the chunk
@@ -345,8 +354,8 @@ def copy_similarity(samples, # images (n, c, h, w) in [-1, 1]
         else:
             cand = _candidates(ai, ct, f, math.ceil(ms / f), flips, top_k, si)
             step = max(1, pairs // cand.shape[1])
-            s = torch.cat([_shifted_ncc(fa[j:j + step], a1[j:j + step], a2[j:j + step], t[cand[j:j + step].clamp_min(0)], ms, p)
-                           for j in range(0, len(ai), step)])
+            s = torch.cat([_shifted_ncc(fa[j:j + step], a1[j:j + step], a2[j:j + step], t[cand[j:j + step].clamp_min(0)],
+                                        ms, p) for j in range(0, len(ai), step)])
         s = s.masked_fill((cand < 0) | t_blank[cand.clamp_min(0)], -math.inf)
         if si is not None: s = s.masked_fill(si.gather(1, cand.clamp_min(0)), -math.inf)
         v, j = s.max(1)
