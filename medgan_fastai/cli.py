@@ -13,8 +13,8 @@ from fastcore.script import anno_parser
 from . import __version__
 
 # %% auto #0
-__all__ = ['COMMANDS', 'SHORT_FLAGS', 'info', 'convert', 'train', 'train_parser', 'generate', 'evaluate', 'serve', 'export',
-           'bad_input', 'main']
+__all__ = ['COMMANDS', 'SHORT_FLAGS', 'info', 'convert', 'train', 'train_parser', 'generate', 'real_slices', 'evaluate', 'serve',
+           'export', 'bad_input', 'main']
 
 # %% ../nbs/10_cli.ipynb #64c35510
 def info():
@@ -161,6 +161,21 @@ def generate(model:str, # a run folder, a generator.pth, or a checkpoint
 # %% ../nbs/10_cli.ipynb #f8ceeec8
 _LOWER_IS_BETTER = ('swd', 'fid', 'kid', 'copy_rate', 'msssim')
 
+def real_slices(source, # the real slices' folder, or 'demo'
+                g, # the generator: its size, window and blank-slice rule decide how the slices are made
+                n:int, # at most this many
+               )->tuple: # (images (n, c, h, w) in [-1, 1], patient or series id of each)
+    "The real slices a generator is scored against, made the way its training slices were, with their patient (or series) ids"
+    from medgan_fastai.data import gan_dls
+    info = getattr(g, 'info', {}) or {}
+    dls = gan_dls(None if source == 'demo' else source, size=g.size, window=_parse_window(str(info.get('window') or 'auto')),
+                  bs=16, skip_blank=bool(info.get('skip_blank', True)), verbose=False)
+    idx = (list(dls.train_ds.items) + list(dls.valid_ds.items))[:n]
+    tab = dls.cache.items
+    # the copy audit holds out whole patients (else series) to learn how close a new patient comes to the others
+    col = next((c for c in ('patient', 'series_uid') if c in tab and tab.loc[idx, c].nunique() > 1), None)
+    return dls.cache.gather(idx) * 2 - 1, (None if col is None else [str(v) for v in tab.loc[idx, col]])
+
 def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth files or checkpoints
              source:str, # the real slices: DICOM/PNG/JPG folder, or `demo` for the demo brain MR series
              n:int=1000, # generated images per model (and real slices, at most)
@@ -172,7 +187,6 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
     "Score trained generators against real slices (SWD, MS-SSIM diversity, precision/recall, memorisation, FID/KID/IS)"
     import json, pandas as pd
     from medgan_fastai.persist import load_generator, write_atomic
-    from medgan_fastai.data import gan_dls
     from medgan_fastai.scoring import evaluate as score, InceptionWeightsError
     from medgan_fastai.card import write_model_card
     from medgan_fastai import latent
@@ -182,22 +196,19 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
         g = load_generator(m, device='cpu')
         info = getattr(g, 'info', {}) or {}
         key = (g.size, str(info.get('window') or 'auto'))
-        if key not in reals:  # the same real set for every model trained the same way
-            dls = gan_dls(None if source == 'demo' else source, size=g.size, window=_parse_window(str(info.get('window') or 'auto')), bs=16,
-                          skip_blank=bool(info.get('skip_blank', True)), verbose=False)
-            idx = list(dls.train_ds.items) + list(dls.valid_ds.items)
-            reals[key] = dls.cache.gather(idx[:n]) * 2 - 1
-        real = reals[key]
+        if key not in reals: reals[key] = real_slices(source, g, n)  # the same real set for every model trained the same way
+        real,groups = reals[key]
         fake = latent.generate(g, list(range(seed, seed + n)), labels=_seed_labels(g, list(range(n))))
         mp = Path(m)
         folder = (mp if mp.is_dir() else mp.parent)/'metrics'
-        try: res = score(fake, real, metrics=names, seed=seed, inception_weights=inception_weights,
+        try: res = score(fake, real, metrics=names, seed=seed, inception_weights=inception_weights, memo_groups=groups,
                          picture_dir=folder if 'memo' in names else None, overwrite=True)
         except InceptionWeightsError as e:  # the weight-free metrics are still worth having: compute them, then say what is missing
             missing = [k for k in names if k in ('fid', 'kid', 'is')]
             failed.append(f'{", ".join(missing)} not computed: {e.path}: {e.reason}')
             rest = [k for k in names if k not in missing]
-            res = score(fake, real, metrics=rest, seed=seed, picture_dir=folder if 'memo' in rest else None, overwrite=True) if rest else {}
+            res = score(fake, real, metrics=rest, seed=seed, memo_groups=groups, picture_dir=folder if 'memo' in rest else None,
+                        overwrite=True) if rest else {}
         res = {k: float(v) for k,v in res.items()}
         out = dict(model=str(m), source=str(source), n_fake=len(fake), n_real=len(real), seed=seed, metrics=res)
         dst = (mp if mp.is_dir() else mp.parent)/'metrics.json'
