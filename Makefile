@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: env demo test check pytest browser docs clean-build
+.PHONY: env demo test check pytest browser validators docs clean-build
 
 # torch/torchvision are pinned in pyproject.toml; their wheels install from the local disk here
 $(STAMP): pyproject.toml
@@ -34,7 +34,7 @@ demo: env
 check: env
 	$(BIN)/python tools/check_nbs.py
 
-pytest: env browser
+pytest: env browser validators
 	$(BIN)/python -m pytest -q -rs tests
 
 # the app's browser test drives Debian's chromium (Playwright never downloads a browser here)
@@ -43,6 +43,13 @@ browser:
 	elif [ "$$(id -u)" = 0 ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 	  || echo "could not install chromium: the browser test will be skipped"; \
 	else echo "chromium missing and not root: the browser test will be skipped (apt-get install chromium as root)"; fi
+
+# the DICOM validity tests run dicom3tools' dciodvfy and dcm2niix (Debian packages); in CI (CI set) a missing one fails them
+validators:
+	@if command -v dciodvfy >/dev/null && command -v dcm2niix >/dev/null; then echo "validators: $$(command -v dciodvfy) $$(command -v dcm2niix)"; \
+	elif [ "$$(id -u)" = 0 ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcm2niix) \
+	  || echo "could not install dicom3tools and dcm2niix: the DICOM validity tests will be skipped (fail in CI)"; \
+	else echo "dciodvfy or dcm2niix missing and not root: the DICOM validity tests will be skipped (apt-get install dicom3tools dcm2niix as root)"; fi
 
 docs: env
 	$(BIN)/python tools/build_docs.py

@@ -21,8 +21,8 @@ from .series import *
 from .persist import *
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'TEMPLATE_TAGS', 'save_slice', 'write_report', 'convert_folder', 'dicom_series_datasets',
-           'write_dicom_series', 'write_synthetic_dicom']
+__all__ = ['REPORT_COLUMNS', 'TEMPLATE_TAGS', 'save_slice', 'write_report', 'convert_folder', 'patient_orientation',
+           'dicom_series_datasets', 'write_dicom_series', 'write_synthetic_dicom']
 
 # %% ../nbs/01d_convert.ipynb #1ccbaf4c
 def save_slice(img01:np.ndarray, # float slice in [0, 1]
@@ -129,8 +129,10 @@ def convert_folder(src, # a folder of DICOM files, a file, or a list of files
 
 # %% ../nbs/01d_convert.ipynb #cdadd00c
 _SOP_CLASSES = dict(CT=pydicom.uid.CTImageStorage, MR=pydicom.uid.MRImageStorage)
+# ImageType value 3, required by the CT and MR Image modules ('OTHER' is MR's term for a derived image of no listed kind)
+_IMAGE_TYPE_3 = dict(CT='AXIAL', MR='OTHER')
 # acquisition descriptors safe to take from a template: nothing that identifies a patient, a study or a device
-TEMPLATE_TAGS = ('BodyPartExamined', 'PatientPosition', 'ScanningSequence', 'SequenceVariant', 'MRAcquisitionType',
+TEMPLATE_TAGS = ('BodyPartExamined', 'Laterality', 'PatientPosition', 'ScanningSequence', 'SequenceVariant', 'MRAcquisitionType',
                  'MagneticFieldStrength', 'KVP', 'ConvolutionKernel', 'RescaleType', 'ContrastBolusAgent')
 
 def _image_stack(images):
@@ -160,6 +162,13 @@ def _stored_values(arr, units, rescale):
         if q.min() >= info.min and q.max() <= info.max: return q.astype(dt), (slope, intercept)
     raise ValueError(f"values do not fit 16 bits with rescale slope {slope}, intercept {intercept}")
 
+# %% ../nbs/01d_convert.ipynb #fb14fdd0
+def patient_orientation(iop)->list: # ImageOrientationPatient (row direction, column direction), LPS
+    "DICOM PatientOrientation of image rows and columns: patient directions, most significant first (e.g. ['L', 'P'])"
+    iop = np.asarray(iop, dtype=float)
+    def letters(v): return ''.join('LPH'[k] if v[k] > 0 else 'RAF'[k] for k in np.argsort(-np.abs(v), kind='stable') if abs(v[k]) > 1e-3)
+    return [letters(iop[:3]), letters(iop[3:])]
+
 # %% ../nbs/01d_convert.ipynb #3d15e81a
 def _instance_dataset(img:np.ndarray, pos:np.ndarray, i:int, # stored pixels, ImagePositionPatient, index in the series
                       s:SimpleNamespace, # the series' shared values (UIDs, dates, identity, geometry, rescale, window)
@@ -175,7 +184,7 @@ def _instance_dataset(img:np.ndarray, pos:np.ndarray, i:int, # stored pixels, Im
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID,ds.file_meta.ImplementationVersionName = PYDICOM_IMPLEMENTATION_UID,'MEDGAN_FASTAI'
     ds.SpecificCharacterSet = 'ISO_IR 192'
-    ds.ImageType = ['DERIVED', 'SECONDARY']
+    ds.ImageType = ['DERIVED', 'SECONDARY', *([_IMAGE_TYPE_3[s.modality]] if s.modality in _IMAGE_TYPE_3 else [])]
     ds.SOPClassUID,ds.SOPInstanceUID = s.sop_class,uid
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = s.date
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = s.time
@@ -190,7 +199,10 @@ def _instance_dataset(img:np.ndarray, pos:np.ndarray, i:int, # stored pixels, Im
                                  'derived image: patient identity replaced')[:64]
     ds.StudyInstanceUID,ds.SeriesInstanceUID,ds.FrameOfReferenceUID = s.study,s.series,s.frame_of_ref
     ds.SeriesNumber,ds.InstanceNumber,ds.AcquisitionNumber = s.series_number,i + 1,1
+    # Type 2C: present, empty when unknown (no patient, no scanner); a template may know them
     ds.PositionReferenceIndicator = ''
+    if 'PatientPosition' not in ds: ds.PatientPosition = ''
+    if 'BodyPartExamined' not in ds and 'Laterality' not in ds: ds.Laterality = ''  # known anatomy: as the template says
     if s.sop_class == pydicom.uid.SecondaryCaptureImageStorage: ds.ConversionType = 'SYN' if s.synthetic else 'WSD'
     if s.modality == 'CT' and 'KVP' not in ds: ds.KVP = ''
     if s.modality == 'MR':
@@ -199,6 +211,7 @@ def _instance_dataset(img:np.ndarray, pos:np.ndarray, i:int, # stored pixels, Im
             if k not in ds: setattr(ds, k, v)
     ds.ImagePositionPatient = [format_number_as_ds(float(v)) for v in pos]
     ds.ImageOrientationPatient = [format_number_as_ds(float(v)) for v in s.iop]
+    ds.PatientOrientation = patient_orientation(s.iop)  # what Secondary Capture has instead of the plane
     ds.SliceLocation = format_number_as_ds(float(pos @ s.normal))
     ds.PixelSpacing = [format_number_as_ds(float(v)) for v in s.pixel_spacing]
     ds.SliceThickness = format_number_as_ds(float(s.slice_thickness))

@@ -211,6 +211,8 @@ def gan_dls(source=None, # DICOM/PNG/JPG folder, list of files, or `scan` DataFr
 
 # %% ../nbs/02b_data.ipynb #103fe039
 MNI_TEMPLATE = 'mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz'
+# in `.complete`: a series an older version wrote (one validators reject) is written again
+_DEMO_STAMP = f'{MNI_TEMPLATE}\nformat 2\n'
 
 def demo_series(folder=None, # default: `default_cache_dir()/'demo'/'mni152_2009a_t1_axial'`
                 step:int=1, # keep every `step`-th axial slice
@@ -218,9 +220,10 @@ def demo_series(folder=None, # default: `default_cache_dir()/'demo'/'mni152_2009
     "The MNI152 2009a T1 template (shipped in nilearn) as an axial DICOM series, written once"
     from medgan_fastai.convert import write_dicom_series
     folder = Path(folder or default_cache_dir()/'demo'/'mni152_2009a_t1_axial')
-    done = folder/'.complete'
-    if done.exists(): return folder
+    def complete(f): return (f/'.complete').is_file() and (f/'.complete').read_text() == _DEMO_STAMP
+    if complete(folder): return folder
     import nibabel as nib, nilearn
+    from pydicom.dataset import Dataset
     img = nib.load(Path(nilearn.__file__).parent/'datasets'/'data'/MNI_TEMPLATE)
     vol = np.asanyarray(img.dataobj).astype(np.float32)  # (x, y, z) RAS, 1 mm
     zs = range(0, vol.shape[2], step)
@@ -228,10 +231,11 @@ def demo_series(folder=None, # default: `default_cache_dir()/'demo'/'mni152_2009
     slices = [vol[::-1, ::-1, z].T for z in zs]
     aff = img.affine
     positions = [(-(aff[0, 3] + (vol.shape[0] - 1)), -(aff[1, 3] + (vol.shape[1] - 1)), aff[2, 3] + z) for z in zs]
+    anatomy = Dataset(); anatomy.BodyPartExamined = 'BRAIN'  # an unpaired part: Laterality is left out
     tmp = folder.with_name(f'.{folder.name}.{os.getpid()}.tmp')
     if tmp.exists(): shutil.rmtree(tmp)  # left by an interrupted run of this process id
     write_dicom_series(slices, tmp, modality='MR', units='modality', synthetic=False,
                        series_description='MNI ICBM152 2009a T1 template, axial (derived)',
-                       pixel_spacing=(1.0, 1.0), slice_thickness=float(step), positions=positions)
-    (tmp/'.complete').write_text(MNI_TEMPLATE + '\n')
-    return publish_folder(tmp, folder, lambda f: (f/'.complete').exists())
+                       pixel_spacing=(1.0, 1.0), slice_thickness=float(step), positions=positions, template=anatomy)
+    (tmp/'.complete').write_text(_DEMO_STAMP)
+    return publish_folder(tmp, folder, complete)

@@ -81,7 +81,7 @@ def test_synthetic_series_round_trip_and_markers(ct_dir, tmp_path):
     for k in ('StudyInstanceUID', 'SeriesInstanceUID', 'FrameOfReferenceUID'): assert len({ds[k].value for ds in dss}) == 1
     assert len({ds.SOPInstanceUID for ds in dss}) == 4 and [ds.InstanceNumber for ds in dss] == [1, 2, 3, 4]
     ds = dss[0]
-    assert ds.SOPClassUID == pydicom.uid.CTImageStorage and list(ds.ImageType) == ['DERIVED', 'SECONDARY']
+    assert ds.SOPClassUID == pydicom.uid.CTImageStorage and list(ds.ImageType) == ['DERIVED', 'SECONDARY', 'AXIAL']
     assert 'SYNTHETIC' in ds.SeriesDescription and 'SYNTHETIC' in ds.ImageComments and ds.PatientIdentityRemoved == 'YES'
     assert ds.BurnedInAnnotation == 'NO' and ds.Rows == 40 and ds.Columns == 48 and [float(v) for v in ds.PixelSpacing] == [0.5, 0.7]
     for k in IDENTITY:
@@ -105,7 +105,7 @@ def test_modality_units_and_derived_series(tmp_path):
     ds = pydicom.dcmread(paths[0])
     slope = float(ds.RescaleSlope)
     np.testing.assert_allclose(np.stack([load_dicom(p) for p in paths]), t1, atol=slope / 2 + 1e-6)
-    assert ds.SOPClassUID == pydicom.uid.MRImageStorage and list(ds.ImageType) == ['DERIVED', 'SECONDARY']
+    assert ds.SOPClassUID == pydicom.uid.MRImageStorage and list(ds.ImageType) == ['DERIVED', 'SECONDARY', 'OTHER']
     assert 'SYNTHETIC' not in ds.SeriesDescription and 'MNI152' in ds.SeriesDescription and 'SYNTHETIC' not in ds.ImageComments
     ot = write_synthetic_dicom(np.full((8, 8), 0.25), tmp_path/'one.dcm')
     ds = pydicom.dcmread(ot)
