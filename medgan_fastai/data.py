@@ -24,7 +24,8 @@ from .series import SourceError
 from .slices import *
 
 # %% auto #0
-__all__ = ['MNI_TEMPLATE', 'DicomSlice', 'Window', 'SliceReader', 'SliceDL', 'DicomBlock', 'LabelError', 'gan_dls', 'demo_series']
+__all__ = ['IDENTIFYING_TAGS', 'MNI_TEMPLATE', 'DicomSlice', 'Window', 'SliceReader', 'SliceDL', 'DicomBlock', 'LabelError',
+           'check_label', 'gan_dls', 'demo_series']
 
 # %% ../nbs/02b_data.ipynb #39414e23
 class DicomSlice(TensorImageBW):
@@ -151,6 +152,29 @@ def _split_idxs(items:pd.DataFrame, valid_pct:float, split_by:str|None, seed:int
     idx = rng.permutation(len(items))
     return sorted(idx[:int(round(valid_pct * len(items)))].tolist())
 
+# %% ../nbs/02b_data.ipynb #6934fc0d
+IDENTIFYING_TAGS = frozenset('''
+PatientName PatientID IssuerOfPatientID OtherPatientIDs OtherPatientIDsSequence OtherPatientNames PatientBirthName
+PatientMotherBirthName PatientBirthDate PatientBirthTime PatientAddress PatientTelephoneNumbers PatientInsurancePlanCodeSequence
+MilitaryRank BranchOfService MedicalRecordLocator EthnicGroup Occupation AdditionalPatientHistory PatientComments
+ResponsiblePerson ResponsibleOrganization CountryOfResidence RegionOfResidence MedicalAlerts Allergies
+AccessionNumber StudyID InstitutionName InstitutionAddress InstitutionalDepartmentName ReferringPhysicianName
+ReferringPhysicianAddress ReferringPhysicianTelephoneNumbers PhysiciansOfRecord PerformingPhysicianName
+NameOfPhysiciansReadingStudy OperatorsName RequestingPhysician ScheduledPerformingPhysicianName StationName
+DeviceSerialNumber PlateID DetectorID GantryID CassetteID ContentCreatorName ReviewerName VerifyingObserverName
+PersonName PerformedStationName ScheduledStationName RequestAttributesSequence StudyInstanceUID SeriesInstanceUID
+SOPInstanceUID FrameOfReferenceUID StudyDate SeriesDate AcquisitionDate ContentDate StudyTime SeriesTime AcquisitionTime
+ContentTime AcquisitionDateTime InstanceCreationDate InstanceCreationTime'''.split())
+
+def check_label(label, # 'folder', a DICOM keyword, or a column name
+                allow_identifying:bool=False, # the user accepts a label that identifies patients
+               ):
+    "Refuse a DICOM attribute that identifies a person as a class label, unless `allow_identifying`"
+    if label in IDENTIFYING_TAGS and not allow_identifying:
+        raise LabelError(label, 'identifies patients (DICOM basic confidentiality profile, PS3.15 E.1-1): class names would '
+                                'carry it into models, file names and exports; pass allow_identifying_label=True '
+                                '(--allow-identifying-label) if that is intended')
+
 # %% ../nbs/02b_data.ipynb #7b0a0f33
 def _summary(dls, idxs, items, keep, cache, size, window, label, n_unlabelled)->str:
     "`gan_dls`'s one line: slices used, blank and unlabelled ones left out, files skipped and why"
@@ -179,8 +203,10 @@ def gan_dls(source=None, # DICOM/PNG/JPG folder, list of files, or `scan` DataFr
             progress:bool=True, # show progress bars
             verbose:bool=True, # print a one-line summary (slices used, skipped, blank)
             label_map=None, # dict or function: raw label value (e.g. a SeriesDescription) -> class name; unmapped slices are left out
+            allow_identifying_label:bool=False, # accept a label that identifies patients (PatientName, PatientID, ...)
            ):
     "fastai `DataLoaders` of `(noise, slice)` batches for GAN training, from a folder, files or a DataFrame"
+    if label: check_label(label, allow_identifying_label)
     if source is None: source = demo_series()
     # a DataFrame's own column is the label as given; anything else but 'folder' is a DICOM tag read into the cache
     own_column = isinstance(source, pd.DataFrame) and label in source.columns

@@ -42,6 +42,7 @@ def recipe_options(source:str=None, # DICOM/PNG/JPG folder (recursive); default:
                    samples:int=64, # images in each epoch's sample grid
                    label:str=None, # conditional GAN: class labels from 'folder' (parent folder names) or a DICOM tag
                    label_map:str=None, # map label values to classes: a JSON file, VALUE=CLASS,VALUE=CLASS, or a dict
+                   allow_identifying_label:bool=False, # accept a --label that identifies patients (PatientName, PatientID, ...)
                    precision:str='auto', # auto (bf16 on GPUs that have it), fp32, bf16 or fp16 (always fp32 on CPU)
                    betas_g:Annotated[list, {'nargs': 2, 'type': float}]=None, # generator Adam betas (default 0.5 0.999 dcgan, 0 0.99 style)
                    betas_c:Annotated[list, {'nargs': 2, 'type': float}]=None, # critic Adam betas (same defaults)
@@ -118,7 +119,8 @@ def recipe_learner(recipe:Recipe, # a resolved recipe
     "Data and learner of `recipe`, writing samples, the loss chart and checkpoints to `path`"
     r = recipe
     dls = on_rank0_first(gan_dls, r.source, size=r.size, bs=r.bs, window=parse_window(r.window), z_dim=r.z_dim,
-                         skip_blank=r.skip_blank, label=r.label, label_map=r.label_map, verbose=not rank_distrib())
+                         skip_blank=r.skip_blank, label=r.label, label_map=r.label_map,
+                         allow_identifying_label=bool(r.allow_identifying_label), verbose=not rank_distrib())
     return gan_learner(dls, arch=r.arch, loss=r.loss, augment=r.augment, ada_target=r.ada_target, ada_kimg=r.ada_kimg,
                        ema=r.ema, seed=r.seed, lr_g=r.lr_g, lr_c=r.lr_c, betas_g=tuple(r.betas_g), betas_c=tuple(r.betas_c), n_crit=r.n_crit, r1_gamma=r.r1_gamma, path=Path(path),
                        cbs=[SampleGrid(n=r.samples), LossChart(), GANCheckpoint(keep=keep)] + list(cbs or []),

@@ -6,7 +6,7 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/slices.html.md"""
 
 # %% ../nbs/02a_slices.ipynb #43c5f62c
 from __future__ import annotations
-import ctypes, gc, hashlib, json, os, shutil, time, zlib
+import ctypes, gc, hashlib, json, os, shutil, time, warnings, zlib
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from PIL import Image
@@ -18,9 +18,9 @@ from .dicom import *
 from .series import *
 
 # %% auto #0
-__all__ = ['IMAGE_SUFFIXES', 'window_title', 'window_list', 'square_slice', 'ImageFileError', 'read_image_slice', 'read_slice',
-           'default_cache_dir', 'source_files', 'publish_folder', 'read_items', 'file_crc32', 'SliceCache', 'prepare',
-           'blank_mask']
+__all__ = ['IMAGE_SUFFIXES', 'MAX_SOURCE_SIDE', 'MIN_SOURCE_SIDE', 'window_title', 'window_list', 'square_slice',
+           'ImageFileError', 'read_image_slice', 'read_slice', 'default_cache_dir', 'source_files', 'publish_folder',
+           'read_items', 'file_crc32', 'SliceCache', 'prepare', 'blank_mask']
 
 # %% ../nbs/02a_slices.ipynb #74a2fa2b
 def _is_pair(window)->bool:
@@ -72,15 +72,26 @@ class ImageFileError(Exception):
 # %% ../nbs/02a_slices.ipynb #1c262559
 IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp'}
 
+MAX_SOURCE_SIDE = int(os.environ.get('MEDGAN_MAX_SIDE', 8192))  # big enough for real radiographs; a 13,000 px PNG is 2.4 GB decoded
+MIN_SOURCE_SIDE = 4  # below this an image holds no anatomy worth training on (a 1x1 PNG would be stretched to a flat slice)
+
 def read_image_slice(path, # a PNG/JPG/TIFF file (8 or 16 bit)
                     )->np.ndarray: # (h, w) float32 in [0, 1]
     "A grayscale image file as float32 in [0, 1]; 16-bit files keep their precision"
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # our own limit below says it in words
+            im = Image.open(path)
+        with im:
+            w,h = im.size
+            if max(w, h) > MAX_SOURCE_SIDE:
+                raise ImageFileError(path, f'{w}x{h} pixels: larger than {MAX_SOURCE_SIDE} px a side (MEDGAN_MAX_SIDE raises the limit)')
+            if min(w, h) < MIN_SOURCE_SIDE: raise ImageFileError(path, f'{w}x{h} pixels: too small to be a slice (under {MIN_SOURCE_SIDE} px a side)')
             if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
                 a = np.asarray(im, np.float32)
                 return a / (65535. if a.max() > 255 or im.mode.startswith('I;16') else 255.)
             return np.asarray(im.convert('L'), np.float32) / 255.
+    except ImageFileError: raise
     except FileNotFoundError: raise ImageFileError(path, 'file not found') from None
     except Exception as e: raise ImageFileError(path, f'not a readable image ({type(e).__name__}: {e})') from None
 

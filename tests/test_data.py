@@ -230,3 +230,18 @@ def test_one_exception_type_per_problem(mr_dir, cache_dir, tmp_path):
     import pickle  # worker processes send them back pickled: the reason survives
     for err in (ImageFileError('a.png', 'why'), SourceError('src', 'why'), LabelError('folder', 'why')):
         assert pickle.loads(pickle.dumps(err)).reason == 'why'
+
+def test_oversized_and_tiny_images_are_skipped_with_their_reason(mr_dir, tmp_path):
+    "A 13,000 px PNG trained (2.4 GB RSS) and a 1x1 PNG trained without a word: both are now skipped and reported"
+    from PIL import Image
+    from medgan_fastai.slices import MAX_SOURCE_SIDE
+    src = tmp_path/'pngs'
+    src.mkdir()
+    for i, f in enumerate(sorted((mr_dir/'HFS').glob('*.dcm'))[10:22]):
+        Image.fromarray((read_slice(f, size=64)[0] * 255).astype(np.uint8)).save(src/f'{i:02d}.png')
+    Image.new('L', (MAX_SOURCE_SIDE + 4808, MAX_SOURCE_SIDE + 4808)).save(src/'huge.png')
+    Image.new('L', (1, 1), 128).save(src/'tiny.png')
+    dls = gan_dls(src, size=32, bs=4, cache_dir=tmp_path/'cache', progress=False, verbose=False)
+    assert len(dls.train_ds) == 12
+    why = dict(zip(dls.cache.skipped.file.map(lambda f: Path(f).name), dls.cache.skipped.reason))
+    assert 'larger than 8192 px a side' in why['huge.png'] and 'too small to be a slice' in why['tiny.png']

@@ -35,6 +35,7 @@ def _cases(d):
         'train: empty source':          (['train', d/'empty', '--out', d/'run2', '--epochs', '1'], 'empty'),
         'train: run inside its source': (['train', d/'scans', '--out', d/'scans'/'run', '--epochs', '1'], 'inside the source'),
         'train: nothing to resume':     (['train', '--out', d/'empty', '--resume'], 'nothing to resume'),
+        'train: identifying label':     (['train', d/'scans', '--out', d/'run3', '--label', 'PatientName'], 'identifies patients'),
         'generate: corrupt model':      (['generate', d/'corrupt.pth', '--out', d/'gen1'], 'corrupt.pth'),
         'generate: hostile config':     (['generate', d/'hostile.pth', '--out', d/'gen2'], 'does not match its weights'),
         'generate: missing model':      (['generate', d/'missing.pth', '--out', d/'gen3'], 'missing.pth'),
