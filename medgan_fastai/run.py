@@ -47,6 +47,7 @@ def recipe_options(source:str=None, # DICOM/PNG/JPG folder (recursive); default:
                    betas_g:Annotated[list, {'nargs': 2, 'type': float}]=None, # generator Adam betas (default 0.5 0.999 dcgan, 0 0.99 style)
                    betas_c:Annotated[list, {'nargs': 2, 'type': float}]=None, # critic Adam betas (same defaults)
                    channels_last:bool=False, # NHWC memory format (faster convolutions on recent GPUs)
+                   data_licence:str=None, # the training data's licence, as you state it (written into the model card)
                 )->dict:
     "Every option of a GAN training run with its default (`None`: the architecture's, see `Recipe.resolved`)"
     return dict(locals())

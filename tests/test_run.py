@@ -111,3 +111,11 @@ def test_model_card_of_a_run(shell_run, mr_dir):
         assert part in text, part
     assert str(mr_dir) not in text                      # the data's folder by name, not its path
     assert (shell_run/'model_card.html').read_text().count('<img') == 2
+
+def test_data_licence_goes_into_the_card(tmp_path, mr_dir):
+    from medgan_fastai.card import model_card_text
+    from medgan_fastai.run import prepare_run_folder
+    r = prepare_run_folder(tmp_path/'run', Recipe(source=str(mr_dir), data_licence='BSD-2-Clause (dcm_qa test data)'))
+    (tmp_path/'run').mkdir()
+    r.to_json(tmp_path/'run'/'config.json')
+    assert 'BSD-2-Clause (dcm_qa test data)' in model_card_text(tmp_path/'run')
