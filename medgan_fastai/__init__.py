@@ -9,7 +9,7 @@ _warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated'
 # `medgan_fastai.NAME` import them on first use, so that `import medgan_fastai.persist` (loading a generator, the app,
 # `medgan generate`) does not pay for, or depend on, the training stack. The Gradio app is left out: it imports slowly.
 _MODULES = ('dicom', 'series', 'models', 'style', 'persist', 'convert', 'card', 'slices', 'data', 'augment', 'callbacks', 'learner',
-            'distributed', 'run', 'metrics', 'scoring', 'latent', 'deploy')
+            'distributed', 'run', 'metrics', 'scoring', 'latent', 'deploy', 'privacy')
 
 def _load_all()->list:
     import importlib
@@ -23,6 +23,9 @@ def _load_all()->list:
 
 def __getattr__(name:str):
     if name.startswith('__') and name != '__all__': raise AttributeError(name)
+    if name in _MODULES or name in ('app', 'cli'):  # `from medgan_fastai import latent`: that module only
+        import importlib
+        return importlib.import_module(f'{__name__}.{name}')
     names = _load_all()
     if name == '__all__': return names
     if name in globals(): return globals()[name]

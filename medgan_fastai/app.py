@@ -15,13 +15,14 @@ from fastcore.basics import patch
 from .models import image_grid
 from .convert import save_slice, write_synthetic_dicom
 from .persist import load_generator
+from .privacy import PrivacyFilter
 from .latent import is_style, seed_ws, synthesize, generate, style_mix, latent_directions
 from .latent import interpolate, interpolation_gif, class_view, label_index
 
 # %% auto #0
 __all__ = ['MAX_SEED', 'MAX_GRID', 'MAX_STEPS', 'APP_FOLDER_PREFIX', 'OWNER_FILE', 'check_range', 'display_window',
-           'window_picture', 'GeneratorApp', 'remove_stale_app_folders', 'app_folder', 'build_app', 'is_loopback',
-           'exposure_warning', 'serve']
+           'window_picture', 'GeneratorApp', 'cross_out', 'remove_stale_app_folders', 'app_folder', 'build_app',
+           'is_loopback', 'exposure_warning', 'serve']
 
 # %% ../nbs/09_app.ipynb #28a1220e
 MAX_SEED = 2**32 - 1
@@ -70,6 +71,8 @@ class GeneratorApp:
                  n_directions:int=5, # principal directions of `w` offered as sliders (style-based models)
                  out_dir=None, # where downloads are written (default: a new folder of its own, see `app_folder`)
                  keep_exports:int=32, # exports kept in `out_dir`; older ones are deleted
+                 privacy_filter:bool=True, # check every picture against the training data the model records (see `privacy`)
+                 training_data=None, # where that data is now, if it moved since training
                 ):
         # a generator passed in keeps its train/eval mode: the latent tools switch to eval only while they run
         self.G = load_generator(model, device) if isinstance(model, (str, Path)) else model
@@ -87,6 +90,9 @@ class GeneratorApp:
         self.n_directions = len(self.directions) if self.directions is not None else 0
         self.out_dir = Path(out_dir) if out_dir is not None else app_folder()
         self.keep_exports,self.lock = keep_exports,threading.Lock()
+        # near-copies of training slices are shown crossed out and never written; data recorded but gone is a `TrainingDataError`
+        self.privacy = PrivacyFilter.from_model(model, self.G, source=training_data) if privacy_filter else None
+        self.privacy_off = None if self.privacy else 'turned off' if not privacy_filter else 'the model records no training data'
 
     def __repr__(self):
         kind = f"style-based, {self.num_ws} styles, {self.n_directions} directions" if self.styled else 'DCGAN'
@@ -120,6 +126,54 @@ def _controls(self:GeneratorApp, seed, psi, level, width):
     psi = check_range(psi, 0, 2, 'truncation psi') if self.styled else 1.0
     return seed, psi, check_range(level, -1, 2, 'window level'), check_range(width, 0.01, 4, 'window width')
 
+# %% ../nbs/09_app.ipynb #68c76230
+def cross_out(images:torch.Tensor, # `(n, c, h, w)` in [-1, 1]
+              which, # `(n,)` bools: the images to mark
+             )->torch.Tensor: # a copy, with a light cross edged in dark over each marked image
+    "Cross out the flagged `images`, in their pixels, so that the mark goes wherever the picture goes"
+    x = images.clone()
+    h,w = x.shape[-2:]
+    r = torch.arange(min(h, w))
+    for k in torch.as_tensor(which).nonzero().flatten().tolist():
+        for c in (r, w - 1 - r):
+            for d in (-1, 1): x[k, :, r, (c + d).clamp(0, w - 1)] = -1  # dark edges: the cross shows on any background
+        for c in (r, w - 1 - r): x[k, :, r, c] = 1
+    return x
+
+@patch
+def _screened(self:GeneratorApp, imgs:torch.Tensor)->tuple:
+    "(`imgs` with their near-copies crossed out, the filter's audit of them or None when it is off)"
+    if self.privacy is None: return imgs, None
+    a = self.privacy.check(imgs)
+    return (cross_out(imgs, a.copies) if a.copies.any() else imgs), a
+
+@patch
+def _verdict(self:GeneratorApp, a, i:int)->str:
+    "The filter's verdict on image `i` of audit `a`, in words"
+    s,t = a.similarity[i].item(),self.privacy.threshold
+    if a.copies[i]: return (f'**near-copy of a training slice**: similarity {s:.3f} to training slice {self.privacy.rows[a.nn_index[i]]} '
+                            f'(near-copies are above {t:.3f}); shown crossed out, downloads refused')
+    return f'privacy filter: passes (similarity {s:.3f} to the closest training slice; near-copies are above {t:.3f})'
+
+@patch
+def privacy_note(self:GeneratorApp, seed, psi=0.7, level=0.5, width=1.0, *amounts, label=None)->str:
+    "What the privacy filter says of the image of `seed` (as `image` shows it): the line under it on the page"
+    if self.privacy is None: return f'privacy filter off: {self.privacy_off}'
+    self._controls(seed, psi, level, width)
+    return self._verdict(self.privacy.check(self.images(seed, psi, amounts, label=label)), 0)
+
+@patch
+def grid_note(self:GeneratorApp, seed, n=16, psi=0.7, label=None)->str:
+    "What the privacy filter says of the grid of `n` images from `seed` on (as `grid` shows it)"
+    if self.privacy is None: return f'privacy filter off: {self.privacy_off}'
+    seed,psi,_,_ = self._controls(seed, psi, 0.5, 1.)
+    a = self.privacy.check(self._grid_images(seed, n, psi, label))
+    bad = a.copies.nonzero().flatten().tolist()
+    if bad: return f'**{len(bad)} near-copies of training slices**, crossed out: ' + ', '.join(
+        f'seed {(seed + i) % (MAX_SEED + 1)} (similarity {a.similarity[i]:.3f})' for i in bad)
+    return (f'privacy filter: no near-copy among these {len(a.copies)} images (highest similarity {a.similarity.max():.3f}; '
+            f'near-copies are above {self.privacy.threshold:.3f})')
+
 # %% ../nbs/09_app.ipynb #25a58e18
 @patch
 def images(self:GeneratorApp, seed:int, # 0..2^32-1
@@ -149,7 +203,7 @@ def image(self:GeneratorApp, seed, # 0..2^32-1
          )->Image.Image:
     "The picture of `seed` (see `images`) through the display window: what the page shows"
     _,_,level,width = self._controls(seed, psi, level, width)
-    return window_picture(self.images(seed, psi, amounts, label=label), level, width)
+    return window_picture(self._screened(self.images(seed, psi, amounts, label=label))[0], level, width)
 
 # %% ../nbs/09_app.ipynb #7c6257c5
 @patch
@@ -161,10 +215,14 @@ def grid(self:GeneratorApp, seed, # the first seed
         )->Image.Image:
     "A square grid of the images of seeds `seed`, `seed`+1, ... through the display window"
     seed,psi,level,width = self._controls(seed, psi, level, width)
+    return window_picture(self._screened(self._grid_images(seed, n, psi, label))[0], level, width)
+
+@patch
+def _grid_images(self:GeneratorApp, seed:int, n, psi:float, label=None)->torch.Tensor:
+    "The images of seeds `seed`, `seed`+1, ... (`n` of them, checked)"
     n = check_range(n, 1, MAX_GRID, 'grid size', integer=True)
     G = self._gen(label)
-    with self.lock: imgs = generate(G, [(seed + i) % (MAX_SEED + 1) for i in range(n)], psi=psi)
-    return window_picture(imgs, level, width)
+    with self.lock: return generate(G, [(seed + i) % (MAX_SEED + 1) for i in range(n)], psi=psi)
 
 # %% ../nbs/09_app.ipynb #95dd20c4
 @patch
@@ -182,7 +240,7 @@ def mix(self:GeneratorApp, seed_coarse, # gives the styles before `crossover`
     crossover = check_range(crossover, 0, self.num_ws, 'crossover', integer=True)
     G = self._gen(label)
     with self.lock: imgs = style_mix(G, seed_coarse, seed_fine, crossover, psi)
-    return window_picture(imgs, level, width)
+    return window_picture(self._screened(imgs)[0], level, width)
 
 # %% ../nbs/09_app.ipynb #12c047a7
 @patch
@@ -206,7 +264,7 @@ def interpolation(self:GeneratorApp, seed_a, seed_b, # the end points
     seed_a,seed_b,steps,space,psi = self._path_controls(seed_a, seed_b, steps, space, psi)
     G = self._gen(label)
     with self.lock: imgs = interpolate(G, seed_a, seed_b, steps, space, psi)
-    return window_picture(imgs, level, width, nrow=steps)
+    return window_picture(self._screened(imgs)[0], level, width, nrow=steps)
 
 @patch
 def animation(self:GeneratorApp, seed_a, seed_b, # the end points
@@ -218,6 +276,10 @@ def animation(self:GeneratorApp, seed_a, seed_b, # the end points
     "A looping GIF of the interpolation from `seed_a` to `seed_b` and back (a new file in `out_dir`)"
     seed_a,seed_b,steps,space,psi = self._path_controls(seed_a, seed_b, steps, space, psi)
     G = self._gen(label)
+    if self.privacy is not None:
+        with self.lock: a = self.privacy.check(interpolate(G, seed_a, seed_b, steps, space, psi))  # the GIF's frames
+        if a.copies.any(): raise ValueError(f'the animation passes near-copies of training slices (similarity up to '
+                                            f'{a.similarity.max():.3f}, above {self.privacy.threshold:.3f}): the privacy filter refuses it')
     folder = self._export_folder()
     scale = max(1, 256 // self.G.size)
     with self.lock: return interpolation_gif(G, seed_a, seed_b, folder/f'interpolation_{seed_a}_{seed_b}.gif', steps, space, psi, scale=scale)
@@ -239,6 +301,10 @@ def export(self:GeneratorApp, seed, psi=0.7, level=0.5, width=1.0, *amounts, lab
     "Write the image of `seed` (as `image` shows it) as a 16-bit PNG and a synthetic DICOM file"
     seed,psi,level,width = self._controls(seed, psi, level, width)
     imgs = self.images(seed, psi, amounts, label=label)
+    a = self._screened(imgs)[1]
+    if a is not None and a.copies[0]:
+        raise ValueError(f'seed {seed}: a near-copy of a training slice (similarity {a.similarity[0]:.3f}, above '
+                         f'{self.privacy.threshold:.3f}): the privacy filter refuses to write it')
     k = self._gen(label).label if self.n_classes else None
     cls = None if k is None else self.classes[k] if self.user_classes else str(k)
     tag = '' if cls is None else '_' + ''.join(c if c.isalnum() or c in '._-' else '-' for c in cls) if self.user_classes else f'_class{k}'
@@ -405,12 +471,14 @@ def _output_tabs(gr, app:GeneratorApp)->SimpleNamespace:
     with gr.Column(scale=2), gr.Tabs():
         with gr.Tab('image'):
             o.image = picture('generated image', 'image', height=384)
+            o.privacy = gr.Markdown(elem_id='privacy')  # the privacy filter's verdict on the image
             o.export_btn = gr.Button('prepare downloads: PNG (16-bit) and synthetic DICOM')
             o.files = gr.File(label='downloads', file_count='multiple', interactive=False, elem_id='downloads')
         with gr.Tab('grid'):
             o.n = gr.Slider(1, MAX_GRID, value=16, step=1, label=f'images (seeds from the seed on; at most {MAX_GRID})')
             o.grid_btn = gr.Button('make grid')
             o.grid = picture('grid', 'grid')
+            o.grid_privacy = gr.Markdown(elem_id='grid-privacy')
         with gr.Tab('style mixing', visible=st):
             o.seed_fine = gr.Number(1, precision=0, minimum=0, maximum=MAX_SEED, label='seed giving the fine styles')
             o.crossover = gr.Slider(0, max(app.num_ws, 1), value=app.num_ws // 2, step=1,
@@ -450,12 +518,15 @@ def _connect(gr, demo, app:GeneratorApp, c:SimpleNamespace, o:SimpleNamespace):
     c.seed_slider.release(same_seed, c.seed_slider, c.seed, **hidden, **raw, queue=False)
     c.random_seed.click(lambda: int(np.random.randint(0, MAX_SEED + 1, dtype=np.int64)), None, c.seed, **hidden, queue=False)
     c.reset.click(lambda: [0.] * len(c.amounts), None, c.amounts, **hidden, queue=False)
+    note_fn = _handler(gr, *_labelled(app.privacy_note, view_names, cond))
     gr.on([c.seed.change, c.psi.change, c.level.change, c.width.change, *[a.change for a in c.amounts], *([c.label.change] if cond else [])],
-          image_fn, L + view, o.image, api_name='generate', trigger_mode='always_last', **raw)
-    demo.load(image_fn, L + view, o.image, **hidden, **raw)  # the first image, as the page opens
+          image_fn, L + view, o.image, api_name='generate', trigger_mode='always_last', **raw
+         ).then(note_fn, L + view, o.privacy, **hidden, **raw)  # the privacy verdict follows the image
+    demo.load(image_fn, L + view, o.image, **hidden, **raw).then(note_fn, L + view, o.privacy, **hidden, **raw)  # as the page opens
     o.export_btn.click(export_fn, L + view, o.files, api_name='export', **raw)
     handler = lambda fn, k: _handler(gr, *_labelled(fn, _param_names(fn, k), cond) if cond else (fn,))
-    o.grid_btn.click(handler(app.grid, 5), L + [c.seed, o.n, c.psi, c.level, c.width], o.grid, api_name='grid', **raw)
+    o.grid_btn.click(handler(app.grid, 5), L + [c.seed, o.n, c.psi, c.level, c.width], o.grid, api_name='grid', **raw
+                    ).then(handler(app.grid_note, 3), L + [c.seed, o.n, c.psi], o.grid_privacy, **hidden, **raw)
     o.mix_btn.click(handler(app.mix, 6), L + [c.seed, o.seed_fine, o.crossover, c.psi, c.level, c.width], o.mixed, api_name='mix', **raw,
                     **({} if app.styled else hidden))
     o.strip_btn.click(handler(app.interpolation, 7), L + [c.seed, o.seed_b, o.steps, o.space, c.psi, c.level, c.width], o.strip,
@@ -467,10 +538,13 @@ def build_app(model, # a model file, run folder or checkpoint, a generator, or a
               device=None, # where to run a model loaded from a file (default: GPU when available)
               n_directions:int=5, # principal directions of `w` as sliders (style-based models)
               title:str='medgan_fastai generator', # the page title
+              privacy_filter:bool=True, # check every picture against the model's training data (see `GeneratorApp`)
+              training_data=None, # where that data is now, if it moved since training
              ): # a `gradio.Blocks`, not yet launched
     "The Gradio page over `model`: seed, truncation, directions, window/level, grid, mixing, interpolation, downloads"
     gr = _gradio()
-    app = model if isinstance(model, GeneratorApp) else GeneratorApp(model, device, n_directions)
+    app = model if isinstance(model, GeneratorApp) else GeneratorApp(model, device, n_directions, privacy_filter=privacy_filter,
+                                                                              training_data=training_data)
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         gr.Markdown(f"## {title}\n{app.describe()}")
         with gr.Row(): controls,outputs = _control_panel(gr, app),_output_tabs(gr, app)
@@ -503,10 +577,12 @@ def serve(model, # a model file, run folder or checkpoint, or a generator
           max_queue:int=128, # requests waiting at once; more are refused (bounds memory)
           block:bool=True, # serve until interrupted; False: return at once (tests, notebooks)
           quiet:bool=False, # do not print the address
+          privacy_filter:bool=True, # check every picture against the model's training data (see `GeneratorApp`)
+          training_data=None, # where that data is now, if it moved since training
          ): # with `block=False`: the running `gradio.Blocks` (its `local_url` is the address); `close()` stops it
     "Serve the interactive generator over `model` at http://`host`:`port`"
     if msg := exposure_warning(host, port): warnings.warn(msg, stacklevel=2)
-    demo = build_app(model, device, n_directions)
+    demo = build_app(model, device, n_directions, privacy_filter=privacy_filter, training_data=training_data)
     gr = _gradio()
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, quiet=quiet,

@@ -115,48 +115,75 @@ def _class_name(g, k:int)->str:
 def _class_suffix(g)->str: return f'_{_class_name(g.G, g.label)}' if hasattr(g, 'G') and hasattr(g, 'label') else ''
 
 # %% ../nbs/10_cli.ipynb #ee7f98ba
+def _write_images(x01, names:list, outp:Path, format:str, bits:int, overwrite:bool, g)->list:
+    "Write the [0, 1] images `x01` as PNG files named `names` or as one synthetic DICOM series: the files, in order"
+    from medgan_fastai.persist import write_atomic
+    from medgan_fastai.convert import save_slice, write_dicom_series
+    if not len(x01): return []
+    if format == 'dicom':
+        files = write_dicom_series(list(x01), outp, modality='OT', units='unit', synthetic=True, overwrite=overwrite,
+                                   series_description=f'medgan_fastai synthetic ({g.config.get("arch")})')
+        print(f'wrote {len(files)} synthetic DICOM files (one series) to {outp}')
+        return files
+    files = [outp/f'{nm}.png' for nm in names]
+    written = sum(write_atomic(f, lambda p, x=x: save_slice(x, p, bits=bits), overwrite=overwrite) for x,f in zip(x01, files))
+    print(f'wrote {written} PNG images to {outp}' + (f' ({len(files) - written} existed: --overwrite replaces them)' if written < len(files) else ''))
+    return files
+
+def _privacy_line(res, pf, off:str, audit:Path)->str:
+    "What the privacy filter did, in one line"
+    if pf is None: return f'privacy filter off ({off}): the images were not checked against the training data; {audit}'
+    w = sum(not r['kept'] for r in res.tried)
+    return (f'privacy filter on: {w} of {len(res.tried)} images withheld as near-copies of training slices of {pf.name} '
+            f'(similarity above {pf.threshold:.3f}, {pf.calibration} calibration); {audit}')
+
+# %% ../nbs/10_cli.ipynb #3a29eb71
 def generate(model:str, # a run folder, a generator.pth, or a checkpoint
              n:int=64, # number of images
              out:str='generated', # output folder (created)
              format:str='png', # png or dicom
-             seed:int=0, # seed of the first image; image i uses seed + i
+             seed:int=0, # seed of the first image; image i uses seed + i (a withheld near-copy's place goes to the next unused seed)
              psi:float=1.0, # truncation psi (style generators): 1 = none, 0 = the average image
              mix:Annotated[int, {'nargs': 2}]=None, # two seeds: coarse styles from the first, fine from the second (style generators)
              crossover:int=None, # first layer taken from the second --mix seed (default: the middle)
              bits:int=8, # PNG bit depth: 8 or 16
              overwrite:bool=False, # replace existing files in OUT
              label:str=None, # conditional generators: the class to make (a name from training, or an index); default: every class in turn
+             privacy_filter:bool=True, # leave out near-copies of training slices, write audit.json (--no-privacy-filter: write all, unchecked)
+             training_data:str=None, # the run's training data, if it moved since training (default: where the run recorded it)
             ):
-    "Write images from a trained generator as PNG or synthetic DICOM"
-    from medgan_fastai.persist import load_generator, write_atomic
-    from medgan_fastai.convert import save_slice, write_dicom_series
-    from medgan_fastai import latent
-    g = load_generator(model)
+    "Write images from a trained generator as PNG or synthetic DICOM, leaving out near-copies of training slices"
+    from medgan_fastai.persist import load_generator
+    from medgan_fastai.privacy import PrivacyFilter, screen, write_audit
+    import medgan_fastai.latent as latent  # not `from medgan_fastai import latent`: the package's lazy loader would import everything
+    if format not in ('png', 'dicom'): sys.exit(f'medgan generate: unknown format {format!r} (png or dicom)')
     outp = Path(out)
+    if format == 'dicom' and outp.exists() and any(outp.glob('*.dcm')) and not overwrite:
+        sys.exit(f'medgan generate: {outp} already holds DICOM files; use --overwrite or another --out')
+    g = load_generator(model)
+    pf = PrivacyFilter.from_model(model, g, source=training_data) if privacy_filter else None
+    off = '--no-privacy-filter' if not privacy_filter else 'the model records no training data: --training-data names it'
     if mix:
         seeds = [int(s) for s in (mix if isinstance(mix, (list, tuple)) else str(mix).split(','))]
         if len(seeds) != 2: sys.exit('medgan generate: --mix takes two seeds')
         if not hasattr(g, 'mapping'): sys.exit('medgan generate: --mix needs a style generator')
-        gm = _class_generator(g, label)
-        imgs = latent.style_mix(gm, seeds[0], seeds[1], crossover if crossover is not None else g.num_ws // 2, psi=psi)
-        names = [f'mix_{seeds[0]}_{seeds[1]}' + _class_suffix(gm)]
+        gm,n = _class_generator(g, label),1
+        cross = crossover if crossover is not None else g.num_ws // 2
+        res = screen(lambda ss, slots: latent.style_mix(gm, seeds[0], seeds[1], cross, psi=psi), [seeds[0]], pf, spare=0)
+        names = [f'mix_{seeds[0]}_{seeds[1]}' + _class_suffix(gm) for _ in res.seeds]  # a mix has no next seed to replace it
     else:
-        seeds = list(range(seed, seed + n))
-        labels = _seed_labels(g, seeds, label)
-        imgs = latent.generate(g, seeds, psi=psi, labels=labels)
-        names = [f'seed_{s:06d}' + ('' if labels is None else f'_{_class_name(g, k)}') for s,k in zip(seeds, labels or seeds)]
-    x01 = ((imgs.clamp(-1, 1) + 1) / 2)[:, 0].numpy()
-    if format == 'dicom':
-        if outp.exists() and any(outp.glob('*.dcm')) and not overwrite:
-            sys.exit(f'medgan generate: {outp} already holds DICOM files; use --overwrite or another --out')
-        files = write_dicom_series(list(x01), outp, modality='OT', units='unit', synthetic=True, overwrite=overwrite,
-                                   series_description=f'medgan_fastai synthetic ({g.config.get("arch")})')
-        print(f'wrote {len(files)} synthetic DICOM files (one series) to {outp}')
-    elif format == 'png':
-        written = sum(write_atomic(outp/f'{nm}.png', lambda p, x=x: save_slice(x, p, bits=bits), overwrite=overwrite)
-                      for x,nm in zip(x01, names))
-        print(f'wrote {written} PNG images to {outp}' + (f' ({len(names) - written} existed: --overwrite replaces them)' if written < len(names) else ''))
-    else: sys.exit(f'medgan generate: unknown format {format!r} (png or dicom)')
+        labels = _seed_labels(g, list(range(seed, seed + n)), label)
+        make = lambda ss, slots: latent.generate(g, ss, psi=psi, labels=None if labels is None else [labels[i] for i in slots])
+        res = screen(make, list(range(seed, seed + n)), pf)
+        names = [f'seed_{s:06d}' + ('' if labels is None else f'_{_class_name(g, labels[i])}') for s,i in zip(res.seeds, res.slots)]
+    x01 = ((res.images.clamp(-1, 1) + 1) / 2)[:, 0].numpy() if len(res.seeds) else []
+    files = _write_images(x01, names, outp, format, bits, overwrite, g)
+    audit,pairs = write_audit(outp, res, files, pf, off, overwrite=overwrite, model=Path(model).name, format=format)
+    print(_privacy_line(res, pf, off, audit))
+    if pairs is not None: print(f'{pairs}: the closest pairs, beside training slices (keep it with the training data)')
+    if len(files) < n:
+        sys.exit(f'medgan generate: only {len(files)} of {n} images passed the privacy filter ({len(res.tried)} made): '
+                 f'the generator reproduces its training slices (see {audit})')
 
 # %% ../nbs/10_cli.ipynb #f8ceeec8
 _LOWER_IS_BETTER = ('swd', 'fid', 'kid', 'copy_rate', 'msssim')
@@ -235,10 +262,12 @@ def serve(model:str, # a run folder, a generator.pth, or a checkpoint
           port:int=7860, # port
           device:str=None, # cpu or cuda (default: GPU when available)
           directions:int=5, # latent directions shown as sliders (style models)
+          privacy_filter:bool=True, # mark near-copies of training slices and refuse their downloads (--no-privacy-filter: off, said on the page)
+          training_data:str=None, # the run's training data, if it moved since training (default: where the run recorded it)
          ):
     "Serve an interactive generator for a trained model in the browser (Gradio)"
     from medgan_fastai.app import serve as serve_app  # gradio is imported only for this command
-    serve_app(model, host=host, port=port, device=device, n_directions=directions)
+    serve_app(model, host=host, port=port, device=device, n_directions=directions, privacy_filter=privacy_filter, training_data=training_data)
 
 # %% ../nbs/10_cli.ipynb #2d86bb62
 def export(model:str, # a run folder, a generator.pth, or a checkpoint

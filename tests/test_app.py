@@ -16,7 +16,7 @@ SCREENSHOT_COPY = Path('/tmp/app_screenshot.png')
 def style_file(tmp_path_factory):
     torch.manual_seed(0)
     G = StyleGenerator(size=32, channel_base=64, channel_max=32, z_dim=32, w_dim=32, n_mapping=2)
-    return save_generator(G, tmp_path_factory.mktemp('style')/'generator.pth', window='brain', source='test')
+    return save_generator(G, tmp_path_factory.mktemp('style')/'generator.pth', window='brain')  # no data recorded: filter off
 
 @pytest.fixture(scope='module')
 def dcgan_file(tmp_path_factory):
@@ -160,7 +160,7 @@ def test_stale_app_folders_are_removed_on_start(style_file, tmp_path, monkeypatc
 def test_page_shows_the_data_folder_name_only(dcgan_file, tmp_path):
     "The training data's server-side path stays in the run folder: the page shows the folder's name"
     model = save_generator(load_generator(dcgan_file, 'cpu'), tmp_path/'generator.pth', source='/some/secret/dir/scans')
-    app = GeneratorApp(model, 'cpu', out_dir=tmp_path/'exports')
+    app = GeneratorApp(model, 'cpu', out_dir=tmp_path/'exports', privacy_filter=False)  # the data is not there
     assert '/some/secret/dir' not in app.describe() and 'scans' in app.describe()
     config = json.dumps(build_app(app).get_config_file())
     assert '/some/secret/dir' not in config and 'scans' in config
@@ -279,7 +279,7 @@ def served(tmp_path_factory):
     (tmp := root/'tmp').mkdir()
     port, log = free_port(), root/'log.txt'
     with open(log, 'w') as f:
-        p = subprocess.Popen([sys.executable, '-c', f"from medgan_fastai.app import serve; serve({str(model)!r}, port={port}, device='cpu', quiet=True)"],
+        p = subprocess.Popen([sys.executable, '-c', f"from medgan_fastai.app import serve; serve({str(model)!r}, port={port}, device='cpu', quiet=True, privacy_filter=False)"],
                              env={**os.environ, 'TMPDIR': str(tmp)}, stdout=f, stderr=subprocess.STDOUT)
     url, start = f'http://127.0.0.1:{port}/', time.monotonic()
     while True:
@@ -360,6 +360,7 @@ def test_browser_seed_change_shows_the_models_image(browser, server, reference, 
     shown = pixels(page.request.get(img.get_attribute('src')).body())
     np.testing.assert_array_equal(shown, as_8bit(generate(reference, [31337], psi=0.7)))
     assert page.locator('#seed-slider input[type=number]').input_value() == '31337'  # the slider follows the number
+    page.wait_for_function("() => (document.querySelector('#privacy') || {}).innerText?.includes('privacy filter off')", timeout=60_000)
     shot = tmp_path/'app.png'
     page.screenshot(path=str(shot), full_page=True)
     shutil.copy(shot, SCREENSHOT_COPY)
