@@ -304,8 +304,9 @@ def _usage():
     return '\n'.join(lines)
 
 def bad_input(e:Exception)->bool:
-    "Whether `e` reports bad input: the library's own errors (they carry the file or folder and the reason) or an OS error"
-    ours = type(e).__module__.startswith('medgan_fastai.') and hasattr(e, 'reason')
+    "Whether `e` reports bad input: the library's errors (`dicom.InputError` and the label and model-config errors: they name the file or value and the reason) or an OS error"
+    dicom = sys.modules.get('medgan_fastai.dicom')
+    ours = (dicom is not None and isinstance(e, dicom.InputError)) or (type(e).__module__.startswith('medgan_fastai.') and hasattr(e, 'reason'))
     return ours or isinstance(e, OSError)
 
 def main(argv:list|None=None): # arguments (default: `sys.argv[1:]`)

@@ -15,20 +15,23 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_color_lut
 from pydicom.pixels.utils import get_expected_length, pixel_dtype
 
 # %% auto #0
-__all__ = ['WINDOWS', 'MAX_HELD_BYTES', 'LUMINANCE', 'DicomError', 'window_image', 'auto_window', 'read_dicom', 'pixel_problem',
-           'frame_group', 'n_frames', 'load_dicom', 'file_window', 'resolve_window', 'resize_slice', 'dicom_slice',
-           'blank_fraction', 'is_blank']
+__all__ = ['WINDOWS', 'MAX_HELD_BYTES', 'LUMINANCE', 'InputError', 'DicomError', 'window_image', 'auto_window', 'read_dicom',
+           'pixel_problem', 'frame_group', 'n_frames', 'load_dicom', 'file_window', 'resolve_window', 'resize_slice',
+           'dicom_slice', 'blank_fraction', 'is_blank']
 
 # %% ../nbs/00_dicom.ipynb #c9c3648a
-class DicomError(Exception):
-    "A DICOM file that cannot be used: `path` names the file, `reason` says why"
+class InputError(Exception):
+    "Something the library was given and cannot use: `path` names the file or folder, `reason` says why"
     def __init__(self,
-                 path, # the file
+                 path, # the file or folder
                  reason:str): # what is wrong, in words
         self.path,self.reason = str(path),reason
         super().__init__(f"{self.path}: {reason}")
     # worker processes send errors back pickled; the default pickling would lose `reason`
     def __reduce__(self): return type(self), (self.path, self.reason)
+
+class DicomError(InputError):
+    "A DICOM file that cannot be used: `path` names the file, `reason` says why"
 
 # %% ../nbs/00_dicom.ipynb #afa40216
 WINDOWS = dict(

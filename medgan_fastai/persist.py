@@ -6,19 +6,20 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/persist.html.md"""
 
 # %% ../nbs/01c_persist.ipynb #p0000004
 from __future__ import annotations
-import json, os, random, re, tempfile, time, warnings
+import importlib.util, json, os, random, re, tempfile, time, warnings
 from pathlib import Path
 import numpy as np, torch
 from torch import nn
 from fastcore.foundation import L
+from .dicom import InputError
 from .models import build_generator
 from .style import StyleGenerator  # registers the style architecture with `build_generator`
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'GENERATOR_FORMAT', 'write_atomic', 'rng_state', 'set_rng_state', 'load_weights_only',
-           'CheckpointError', 'plain_state', 'write_checkpoint', 'read_checkpoint', 'checkpoint_epoch',
-           'checkpoint_files', 'latest_checkpoint', 'remove_stale_temporaries', 'loadable_checkpoint',
-           'check_generator_state', 'save_generator', 'model_file', 'load_generator']
+__all__ = ['CHECKPOINT_FORMAT', 'GENERATOR_FORMAT', 'PRETRAINED_DIR', 'PRETRAINED', 'write_atomic', 'rng_state', 'set_rng_state',
+           'load_weights_only', 'CheckpointError', 'plain_state', 'write_checkpoint', 'read_checkpoint',
+           'checkpoint_epoch', 'checkpoint_files', 'latest_checkpoint', 'remove_stale_temporaries',
+           'loadable_checkpoint', 'check_generator_state', 'save_generator', 'model_file', 'load_generator']
 
 # %% ../nbs/01c_persist.ipynb #ceae1ae9
 _UMASK = os.umask(0); os.umask(_UMASK)  # the process's umask, read once (reading it means setting it)
@@ -82,11 +83,8 @@ def load_weights_only(path)->object:
 # %% ../nbs/01c_persist.ipynb #p0000011
 CHECKPOINT_FORMAT = 'medgan_fastai.checkpoint'
 
-class CheckpointError(Exception):
+class CheckpointError(InputError):
     "A checkpoint or exported model that cannot be used: `path` names the file, `reason` says why"
-    def __init__(self, path, reason:str):
-        self.path,self.reason = str(path),reason
-        super().__init__(f'{self.path}: {reason}')
 
 def plain_state(x):
     "`x` with fastcore `L`s (in a fastai optimiser's state) turned into lists: `weights_only` loading accepts only plain containers"
@@ -193,9 +191,13 @@ def save_generator(generator:nn.Module, path, # a generator of ours (it has a `c
     return Path(path)
 
 # %% ../nbs/01c_persist.ipynb #p0000020
-def model_file(path, # a generator file, a checkpoint, or a run folder
+PRETRAINED_DIR = Path(importlib.util.find_spec('medgan_fastai').origin).parent/'pretrained'  # generators trained on the demo series, shipped with the library
+PRETRAINED = {'demo': 'style.pth', 'demo-style': 'style.pth', 'demo-dcgan': 'dcgan.pth'}
+
+def model_file(path, # a generator file, a checkpoint, a run folder, or a shipped model's name ('demo', 'demo-dcgan')
               )->Path:
     "The file `load_generator` reads for `path`: a run folder's `generator.pth`, else its newest checkpoint"
+    if str(path) in PRETRAINED and not Path(path).exists(): return PRETRAINED_DIR/PRETRAINED[str(path)]
     path = Path(path)
     if path.is_dir():
         if (path/'generator.pth').exists(): return path/'generator.pth'
@@ -205,7 +207,7 @@ def model_file(path, # a generator file, a checkpoint, or a run folder
     if not path.is_file(): raise CheckpointError(path, 'no such file')
     return path
 
-def load_generator(path, # a file written by `save_generator`, a checkpoint, or a run folder
+def load_generator(path, # a file written by `save_generator`, a checkpoint, a run folder, or 'demo' / 'demo-dcgan'
                    device=None, # where to put it (default: GPU when available)
                   )->nn.Module:
     "The generator saved at `path`, rebuilt from its config, in eval mode"

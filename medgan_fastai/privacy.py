@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np, torch
 from torch import nn
 from fastcore.basics import patch
+from .dicom import InputError
 from .series import SourceError
 from .persist import model_file, load_generator, write_atomic
 from .slices import prepare, blank_mask, default_cache_dir
@@ -21,12 +22,8 @@ from .metrics import image_batch, copy_similarity, memorisation_audit, Memorisat
 __all__ = ['TrainingDataError', 'training_record', 'training_slices', 'PrivacyFilter', 'screen', 'write_audit']
 
 # %% ../nbs/08c_privacy.ipynb #db3c27bd
-class TrainingDataError(Exception):
+class TrainingDataError(InputError):
     "A model's training data that cannot be read to check its images against: `path` names it, `reason` says why"
-    def __init__(self, path, reason:str):
-        self.path,self.reason = str(path),reason
-        super().__init__(f'{self.path}: {reason}')
-    def __reduce__(self): return type(self), (self.path, self.reason)
 
 # %% ../nbs/08c_privacy.ipynb #d02229f0
 def _run_config(f:Path)->tuple:

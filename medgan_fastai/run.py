@@ -10,6 +10,7 @@ import inspect, json, os, platform, shutil, subprocess, sys, time
 from pathlib import Path
 from typing import Annotated
 from fastai.torch_core import num_distrib, rank_distrib
+from .dicom import InputError
 from .persist import *
 from .card import write_model_card
 from .data import gan_dls
@@ -128,11 +129,8 @@ def recipe_learner(recipe:Recipe, # a resolved recipe
                        precision=r.precision, channels_last=bool(r.channels_last))
 
 # %% ../nbs/06c_run.ipynb #r0000016
-class RunFolderError(Exception):
+class RunFolderError(InputError):
     "A run folder that cannot be used as asked: `path` names it, `reason` says why"
-    def __init__(self, path, reason:str):
-        self.path,self.reason = str(path),reason
-        super().__init__(f'{self.path}: {reason}')
 
 RUN_FILES = ('loss.csv', 'loss.png', 'generator.pth', 'config.json')  # what a run writes beside `samples/` and `checkpoints/`
 

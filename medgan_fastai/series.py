@@ -115,14 +115,10 @@ def walk_files(folder, # the top folder
         elif e.is_file(): yield e.path
 
 # %% ../nbs/00b_series.ipynb #7d4c1a26
-class SourceError(Exception):
-    "A source of slices (folder, file or list of files) that cannot be used as a whole: `source` names it, `reason` says why"
-    def __init__(self,
-                 source, # the folder, file or list given
-                 reason:str): # what is wrong, in words
-        self.source,self.reason = str(source),reason
-        super().__init__(f"{self.source}: {reason}")
-    def __reduce__(self): return type(self), (self.source, self.reason)
+class SourceError(InputError):
+    "A source of slices (folder, file or list of files) that cannot be used as a whole: `path` names it, `reason` says why"
+    @property
+    def source(self)->str: return self.path
 
 # %% ../nbs/00b_series.ipynb #3c8d1a77
 def _dicom_candidates(source, recursive):

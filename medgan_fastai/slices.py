@@ -59,15 +59,8 @@ def square_slice(x:np.ndarray, # (h, w) float32 in [0, 1]
     return resize_slice(x, size)
 
 # %% ../nbs/02a_slices.ipynb #2c7d1e90
-class ImageFileError(Exception):
+class ImageFileError(InputError):
     "An image file (PNG/JPG/TIFF) that cannot be used: `path` names the file, `reason` says why"
-    def __init__(self,
-                 path, # the file
-                 reason:str): # what is wrong, in words
-        self.path,self.reason = str(path),reason
-        super().__init__(f"{self.path}: {reason}")
-    # worker processes send errors back pickled; the default pickling would lose `reason`
-    def __reduce__(self): return type(self), (self.path, self.reason)
 
 # %% ../nbs/02a_slices.ipynb #1c262559
 IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp'}
