@@ -69,3 +69,11 @@ def test_docs_build_refuses_object_reprs(tmp_path):
     ok = tmp_path/'ok.html'
     ok.write_text('<img src="data:image/gif;base64,R0lGOD"><pre>&lt;Figure size 640x480 with 1 Axes&gt;</pre>')
     assert [t for _, t in build_docs.unrendered_outputs([page, ok])] == ['&lt;IPython.core.display.Image object&gt;']
+
+def test_docs_build_refuses_tutorials_that_show_an_untrained_generator(tmp_path):
+    nb = dict(cells=[dict(cell_type='code', source=['G = StyleGenerator(32)\n', 'image_grid(generate(G, range(4)))']),
+                     dict(cell_type='code', source=['#| slow\n', 'g = DCGANGenerator(64)']),
+                     dict(cell_type='code', source=["G = load_generator('demo')"])], metadata={}, nbformat=4, nbformat_minor=5)
+    (tmp_path/'t.ipynb').write_text(json.dumps(nb))
+    assert build_docs.untrained_tutorial_cells(tmp_path) == [('t.ipynb', 'G = StyleGenerator(32)')]
+    assert build_docs.untrained_tutorial_cells() == []   # the project's own tutorials show trained models

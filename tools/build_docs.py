@@ -156,6 +156,19 @@ def render_site(proc=PROC, site=SITE, names=None):
         if (NBS/d).exists(): shutil.copytree(NBS/d, site/d, dirs_exist_ok=True)
     return written
 
+_UNTRAINED = re.compile(r'\b(StyleGenerator|DCGANGenerator)\(')
+
+def untrained_tutorial_cells(folder=NBS/'tutorials')->list:
+    "(notebook, cell source) of tutorial cells the docs run that build a new, untrained generator to show"
+    import json
+    out = []
+    for nb in sorted(Path(folder).glob('*.ipynb')):
+        for c in json.loads(nb.read_text())['cells']:
+            src = ''.join(c['source'])
+            if c['cell_type'] == 'code' and not re.search(r'^#\|\s*slow', src, re.M) and _UNTRAINED.search(src):
+                out.append((nb.name, src.splitlines()[0]))
+    return out
+
 _OBJECT_TEXT = re.compile(r'&lt;[A-Za-z_][\w.]* object(?: at 0x[0-9a-f]+)?&gt;')
 
 def unrendered_outputs(pages)->list:
@@ -170,6 +183,11 @@ def main(argv):
         return 0
     if (ROOT/'README.md').read_text() != readme_text(readme):
         print('README.md does not match nbs/index.ipynb: edit the notebook, then run `python tools/build_docs.py --readme`')
+        return 1
+    untrained = untrained_tutorial_cells()
+    if untrained:
+        print('tutorials must show a trained model (load_generator(\'demo\'), or a run trained in a slow cell), not a new one:')
+        for nb, line in untrained: print(f'  {nb}: {line}')
         return 1
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
