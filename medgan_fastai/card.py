@@ -41,6 +41,14 @@ def model_card_text(run)->str:
     if met: lines += [f"Against {met.get('n_real')} real slices of `{Path(str(met.get('source'))).name}`, {met.get('n_fake')} samples:", '',
                       _table({k: f'{v:.4g}' if isinstance(v, float) else v for k,v in met.get('metrics', {}).items()})]
     else: lines += [f'Not evaluated yet: `medgan evaluate {run} SOURCE` scores the generator and updates this card.']
+    m = (met or {}).get('metrics', {})
+    lines += ['', '## Memorisation and the privacy filter', '', (f"Copy audit: {m['copy_rate']:.1%} of the samples are near-copies of a "
+              f"training slice (threshold {m.get('copy_threshold', float('nan')):.3f}, from held-out real slices); data-copying "
+              f"test z = {m.get('data_copying_z', float('nan')):.2f} (below about -3 means copying)." if 'copy_rate' in m
+              else 'Copy audit: not run yet (`medgan evaluate` with the `memo` metric).'), '',
+              'Privacy filter: on by default. `medgan generate` and the app check every image against this run\'s training '
+              'slices, replace near-copies with the next seed and write `audit.json` beside the outputs; `--no-privacy-filter` '
+              'turns it off and says so in the output.']
     for f in sorted(run.glob('generator.*.json')):
         ct = json.loads(f.read_text())
         lines += ['', f"## Export: `{ct['file']}` ({ct['format']})", '', 'inputs: ' + '; '.join(

@@ -66,9 +66,10 @@ def test_generate_by_label(cond_run):
 def test_cli_generate_label(cond_run, tmp_path, capsys):
     _,path = cond_run
     main(['generate', str(path), '-n', '3', '--out', str(tmp_path/'a'), '--label', 'HFP'])
-    assert sorted(p.name for p in (tmp_path/'a').iterdir()) == [f'seed_00000{i}_HFP.png' for i in range(3)]
+    assert sorted(p.name for p in (tmp_path/'a').glob('*.png')) == [f'seed_00000{i}_HFP.png' for i in range(3)]
+    assert (tmp_path/'a'/'audit.json').exists()  # the privacy filter's record beside the images
     main(['generate', str(path), '-n', '4', '--out', str(tmp_path/'b')])  # no label: every class in turn
-    assert sorted(p.name for p in (tmp_path/'b').iterdir()) == ['seed_000000_HFDL.png', 'seed_000001_HFDR.png',
+    assert sorted(p.name for p in (tmp_path/'b').glob('*.png')) == ['seed_000000_HFDL.png', 'seed_000001_HFDR.png',
                                                                 'seed_000002_HFP.png', 'seed_000003_HFS.png']
     with pytest.raises(SystemExit, match='unknown label'): main(['generate', str(path), '--out', str(tmp_path/'c'), '--label', 'XX'])
 
