@@ -32,12 +32,6 @@ def info():
         print(f"  {'yes' if ok else 'NO ':3}  {uid.name} ({uid})")
 
 # %% ../nbs/10_cli.ipynb #7b874801
-def _parse_window(window:str):
-    "A window from the command line: a preset name, 'file', 'auto' or 'CENTER,WIDTH'"
-    if ',' not in window: return window
-    c,w = (float(v) for v in window.split(','))
-    return c, w
-
 def _parse_size(size):
     "None, N (square) or HxW"
     if size in (None, ''): return None
@@ -56,7 +50,8 @@ def convert(src:str, # DICOM folder (searched recursively), or one file
            ):
     "Convert DICOM slices to PNG or JPG images, with a report of every input"
     from medgan_fastai.convert import convert_folder
-    report = convert_folder(src, dst, fmt=fmt, bits=bits, window=_parse_window(window), size=_parse_size(size),
+    from medgan_fastai.dicom import parse_window
+    report = convert_folder(src, dst, fmt=fmt, bits=bits, window=parse_window(window), size=_parse_size(size),
                             skip_blank=skip_blank, keep_tree=keep_tree, overwrite=overwrite, progress=True)
     n,done = len(report),int(report.ok.sum())
     reasons = report[~report.ok].reason.str.split(' \\(').str[0].value_counts()
@@ -194,8 +189,9 @@ def real_slices(source, # the real slices' folder, or 'demo'
                )->tuple: # (images (n, c, h, w) in [-1, 1], patient or series id of each)
     "The real slices a generator is scored against, made the way its training slices were, with their patient (or series) ids"
     from medgan_fastai.data import gan_dls
+    from medgan_fastai.dicom import parse_window
     info = getattr(g, 'info', {}) or {}
-    dls = gan_dls(None if source == 'demo' else source, size=g.size, window=_parse_window(str(info.get('window') or 'auto')),
+    dls = gan_dls(None if source == 'demo' else source, size=g.size, window=parse_window(str(info.get('window') or 'auto')),
                   bs=16, skip_blank=bool(info.get('skip_blank', True)), verbose=False)
     idx = (list(dls.train_ds.items) + list(dls.valid_ds.items))[:n]
     tab = dls.cache.items

@@ -16,8 +16,8 @@ from pydicom.pixels.utils import get_expected_length, pixel_dtype
 
 # %% auto #0
 __all__ = ['WINDOWS', 'MAX_HELD_BYTES', 'LUMINANCE', 'InputError', 'DicomError', 'window_image', 'auto_window', 'read_dicom',
-           'pixel_problem', 'frame_group', 'n_frames', 'load_dicom', 'file_window', 'resolve_window', 'resize_slice',
-           'dicom_slice', 'blank_fraction', 'is_blank']
+           'pixel_problem', 'frame_group', 'n_frames', 'load_dicom', 'file_window', 'resolve_window', 'parse_window',
+           'resize_slice', 'dicom_slice', 'blank_fraction', 'is_blank']
 
 # %% ../nbs/00_dicom.ipynb #c9c3648a
 class InputError(Exception):
@@ -292,6 +292,15 @@ def resolve_window(window=None, # preset name, (center, width), 'file', or 'auto
         return float(c), float(w)
     if x is None: raise ValueError(f"window {window!r} needs the slice `x` to choose an automatic window")
     return auto_window(x)
+
+# %% ../nbs/00_dicom.ipynb #4bad4b10
+def parse_window(window, # a preset name, 'file', 'auto', (center, width), or the text 'CENTER,WIDTH'
+                ):
+    "A window as `resolve_window` takes it: 'CENTER,WIDTH' text becomes `(center, width)`, anything else is kept"
+    if isinstance(window, (list, tuple)): return tuple(float(v) for v in window)
+    if ',' not in str(window): return window
+    c,w = (float(v) for v in str(window).split(','))
+    return c, w
 
 # %% ../nbs/00_dicom.ipynb #d5a5e02a
 def resize_slice(img:np.ndarray, # float32 (rows, cols)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np, torch
 from torch import nn
 from fastcore.basics import patch
-from .dicom import InputError
+from .dicom import InputError, parse_window
 from .series import SourceError
 from .persist import model_file, load_generator, write_atomic
 from .slices import prepare, blank_mask, default_cache_dir
@@ -53,8 +53,6 @@ def training_record(model, # a run folder, generator file or checkpoint (see `lo
                 label=info.get('label'), run=run)
 
 # %% ../nbs/08c_privacy.ipynb #c8f2bfe7
-def _window(w): return tuple(float(v) for v in str(w).split(',')) if ',' in str(w) else w
-
 def _demo_folder()->Path:
     "The demo series' folder (where `data.demo_series` writes it), built on first use"
     folder = default_cache_dir()/'demo'/'mni152_2009a_t1_axial'
@@ -74,7 +72,7 @@ def training_slices(record:dict, # from `training_record`
         raise TrainingDataError(folder, 'the training data is not there (moved or deleted), so generated images cannot be checked '
                                         'for near-copies; pass --training-data with its new place, or --no-privacy-filter')
     label = record.get('label')
-    try: cache = prepare(folder, size=record['size'], window=_window(record['window']), cache_dir=cache_dir, progress=progress,
+    try: cache = prepare(folder, size=record['size'], window=parse_window(record['window']), cache_dir=cache_dir, progress=progress,
                          tags=[label] if label and label != 'folder' else None)
     except SourceError as e: raise TrainingDataError(folder, e.reason) from None
     if not len(cache): raise TrainingDataError(folder, 'no slice of the training data could be read')

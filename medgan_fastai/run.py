@@ -10,7 +10,7 @@ import inspect, json, os, platform, shutil, subprocess, sys, time
 from pathlib import Path
 from typing import Annotated
 from fastai.torch_core import num_distrib, rank_distrib
-from .dicom import InputError
+from .dicom import InputError, parse_window
 from .persist import *
 from .card import write_model_card
 from .data import gan_dls
@@ -19,8 +19,8 @@ from .learner import *
 from .distributed import init_distributed, on_rank0_first
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'recipe_options', 'Recipe', 'parse_label_map', 'parse_window', 'recipe_learner', 'RunFolderError',
-           'prepare_run_folder', 'train_run', 'hardware', 'record_training']
+__all__ = ['RUN_FILES', 'recipe_options', 'Recipe', 'parse_label_map', 'recipe_learner', 'RunFolderError', 'prepare_run_folder',
+           'train_run', 'hardware', 'record_training']
 
 # %% ../nbs/06c_run.ipynb #r0000006
 def recipe_options(source:str=None, # DICOM/PNG/JPG folder (recursive); default: the demo brain MR series
@@ -75,13 +75,6 @@ def parse_label_map(label_map)->dict|None:
     pairs = [kv.split('=', 1) for kv in str(label_map).split(',') if kv.strip()]
     if any(len(kv) != 2 for kv in pairs): raise ValueError(f'a label map is a JSON file or VALUE=CLASS,VALUE=CLASS, not {label_map!r}')
     return {k.strip(): v.strip() for k,v in pairs}
-
-def parse_window(window):
-    "A window option as `gan_dls` takes it: a preset name, 'file', 'auto', or (center, width) from 'CENTER,WIDTH'"
-    if isinstance(window, (list, tuple)): return tuple(float(v) for v in window)
-    if ',' not in str(window): return window
-    c,w = (float(v) for v in str(window).split(','))
-    return c, w
 
 # %% ../nbs/06c_run.ipynb #r0000010
 def _resolved(self:Recipe)->Recipe:
