@@ -21,6 +21,7 @@ from fastai.vision.augment import Flip
 from fasttransform import Transform
 from .dicom import *
 from .series import SourceError
+from .volumes import VolumeOptions, volume_options
 from .slices import *
 
 # %% auto #0
@@ -104,6 +105,31 @@ def DicomBlock(window='auto', # see `read_slice`; a list stacks windows as chann
     return TransformBlock(type_tfms=SliceReader(window, size, channels, cache),
                           batch_tfms=Normalize.from_stats(0.5, 0.5, cuda=False))
 
+# %% ../nbs/02b_data.ipynb #c5a9e0f1
+def _is_label_csv(label)->bool: return isinstance(label, (str, os.PathLike)) and str(label).lower().endswith('.csv')
+
+def _csv_labels(items:pd.DataFrame, # the slices' rows (`file`, and `subject` or `patient`)
+                path, # a CSV with a `label` column and a `file` or a `subject` column
+               )->list: # one label per row, '' where the CSV has none
+    "Labels from a CSV: `file,label` (path relative to the CSV, absolute, or a unique file name) or `subject,label`"
+    try: df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as e: raise LabelError(path, f'unreadable label CSV ({type(e).__name__}: {e})') from None
+    if 'label' not in df or not {'file', 'subject'} & set(df.columns):
+        raise LabelError(path, 'a label CSV needs a `label` column and a `file` or a `subject` column')
+    if 'file' in df:
+        base,by_name = Path(path).parent,{}
+        by_path = {os.path.abspath(base/f): l for f,l in zip(df.file, df.label)}
+        for f,l in zip(df.file, df.label): by_name.setdefault(Path(f).name, set()).add(l)
+        def one(f):
+            if (l := by_path.get(os.path.abspath(f))) is not None: return l
+            s = by_name.get(Path(f).name, set())
+            return next(iter(s)) if len(s) == 1 else ''  # a name with two labels in the CSV is ambiguous: no label
+        return [one(f) for f in items.file]
+    subj = dict(zip(df.subject, df.label))
+    col = lambda c: items[c].fillna('').astype(str) if c in items else pd.Series([''] * len(items), index=items.index)
+    ids = np.where(col('subject') != '', col('subject'), col('patient'))  # NIfTI rows: the volume's subject; DICOM: PatientID
+    return [subj.get(s, '') for s in ids]
+
 # %% ../nbs/02b_data.ipynb #6c0a2e95
 class LabelError(ValueError):
     "A class label that cannot be found for the slices: `label` names it, `reason` says why"
@@ -115,8 +141,12 @@ class LabelError(ValueError):
     def __reduce__(self): return type(self), (self.label, self.reason)
 
 def _label_fn(items:pd.DataFrame, label):
-    "Labels per cached slice: 'folder' (parent folder name) or a DICOM tag / column name"
+    "Labels per cached slice: 'folder' (parent folder name), 'seg' (segmentation class), a label CSV, or a DICOM tag / column"
     if label == 'folder': return [Path(f).parent.name for f in items.file]
+    if _is_label_csv(label): return _csv_labels(items, label)
+    if label == 'seg':
+        if 'seg_class' not in items: raise LabelError(label, 'no segmentation classes: slice NIfTI volumes with `VolumeOptions(seg_rule=...)`')
+        label = 'seg_class'
     if label in items: return ['' if v is None or v != v else str(v) for v in items[label]]  # empty (read back as NaN): no label
     raise LabelError(label, 'use "folder" or a DICOM tag kept with `tags=`')
 
@@ -184,7 +214,7 @@ def _summary(dls, idxs, items, keep, cache, size, window, label, n_unlabelled)->
             + (f'; {n_unlabelled} without a (mapped) label left out' if n_unlabelled else '')
             + (f' ({"; ".join(cache.skipped.reason.astype(str).value_counts().index[:3])})' if len(cache.skipped) else ''))
 
-def gan_dls(source=None, # DICOM/PNG/JPG folder, list of files, or `scan` DataFrame; None: the demo data
+def gan_dls(source=None, # DICOM/NIfTI/PNG/JPG folder, list of files, or `scan` DataFrame; None: the demo data
             size:int=64, # side of the square slices
             bs:int=64, # batch size
             window='auto', # see `read_slice`
@@ -192,7 +222,7 @@ def gan_dls(source=None, # DICOM/PNG/JPG folder, list of files, or `scan` DataFr
             z_dim:int=100, # length of the noise vector (the generator's input)
             skip_blank:bool=True, # leave out slices that are mostly background
             blank_threshold:float=0.05, # pixel level counted as background
-            label:str|None=None, # 'folder' or a DICOM tag: class labels for conditional training
+            label:str|None=None, # 'folder', a DICOM tag, a column, a label CSV, or 'seg' (NIfTI segmentation): class labels
             valid_pct:float=0., # held-out fraction (GANs usually train on everything)
             split_by:str|None='patient', # keep a patient ('patient'), series ('series') or nothing together across splits
             flip:bool=False, # random horizontal flips (off: anatomy has a side)
@@ -204,14 +234,17 @@ def gan_dls(source=None, # DICOM/PNG/JPG folder, list of files, or `scan` DataFr
             verbose:bool=True, # print a one-line summary (slices used, skipped, blank)
             label_map=None, # dict or function: raw label value (e.g. a SeriesDescription) -> class name; unmapped slices are left out
             allow_identifying_label:bool=False, # accept a label that identifies patients (PatientName, PatientID, ...)
+            volume:VolumeOptions|dict|None=None, # how NIfTI volumes become slices: axis, 4-D volume, central fraction, window percentiles, modality, segmentation labels
            ):
     "fastai `DataLoaders` of `(noise, slice)` batches for GAN training, from a folder, files or a DataFrame"
     if label: check_label(label, allow_identifying_label)
+    if label == 'seg' and volume_options(volume).seg_rule is None:
+        raise LabelError(label, 'slice classes from segmentations need a naming rule: volume=VolumeOptions(seg_rule="brats") or (regex, replacement)')
     if source is None: source = demo_series()
-    # a DataFrame's own column is the label as given; anything else but 'folder' is a DICOM tag read into the cache
+    # a DataFrame's own column is the label as given; anything else but 'folder', 'seg' and a CSV is a DICOM tag read into the cache
     own_column = isinstance(source, pd.DataFrame) and label in source.columns
-    tags = [label] if label and label != 'folder' and not own_column else None
-    cache = prepare(source, size=size, window=window, channels=channels, tags=tags, cache_dir=cache_dir, progress=progress)
+    tags = [label] if label and label not in ('folder', 'seg') and not _is_label_csv(label) and not own_column else None
+    cache = prepare(source, size=size, window=window, channels=channels, tags=tags, cache_dir=cache_dir, progress=progress, volume=volume)
     if len(cache) == 0:
         raise SourceError(source, f'no usable slices ({len(cache.skipped)} files skipped: '
                                   f'{"; ".join(cache.skipped.reason.astype(str).unique()[:3])})')

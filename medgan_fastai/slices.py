@@ -16,6 +16,7 @@ from fastcore.parallel import ProcessPoolExecutor
 from fastprogress.fastprogress import progress_bar
 from .dicom import *
 from .series import *
+from .volumes import *
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'MAX_SOURCE_SIDE', 'MIN_SOURCE_SIDE', 'window_title', 'window_list', 'square_slice',
@@ -89,15 +90,20 @@ def read_image_slice(path, # a PNG/JPG/TIFF file (8 or 16 bit)
     except Exception as e: raise ImageFileError(path, f'not a readable image ({type(e).__name__}: {e})') from None
 
 # %% ../nbs/02a_slices.ipynb #65fcfe09
-def read_slice(item, # a DICOM or image file, or its `Dataset` read by `read_dicom`, or a `(file or Dataset, frame)` pair
+def read_slice(item, # a DICOM, NIfTI or image file, its `Dataset` or `Volume`, or a `(file, Dataset or Volume, frame)` pair
                window='auto', # preset name, (center, width), 'file', 'auto', or a list of these (one channel each)
                size:int|None=64, # side of the square output
                channels:int|None=None, # repeat a single window to this many channels (e.g. 3 for RGB-pretrained models)
+               volume:VolumeOptions|dict|None=None, # how NIfTI volumes are sliced (see `volumes.VolumeOptions`)
               )->np.ndarray: # (c, size, size) float32 in [0, 1]
     "One slice ready for a model: read, modality LUT, window(s), resize"
     src,frame = item if isinstance(item, (tuple, list)) else (item, None)
-    if not isinstance(src, Dataset) and os.path.splitext(str(src))[1].lower() in IMAGE_SUFFIXES:
+    if not isinstance(src, (Dataset, Volume)) and os.path.splitext(str(src))[1].lower() in IMAGE_SUFFIXES:
         chans = [square_slice(read_image_slice(src), size)]  # already windowed images: one channel as stored
+    elif isinstance(src, Volume) or (not isinstance(src, Dataset) and is_nifti(src)):  # (`str` of a Dataset would read its pixels)
+        vol = src if isinstance(src, Volume) else load_volume(src, volume)  # one read for all the windows
+        k,t = vol.locate(0 if frame is None or pd.isna(frame) else frame)
+        chans = [square_slice(vol.image(k, w, t), size) for w in window_list(window)]
     else:
         frame = None if frame is None or pd.isna(frame) else int(frame)
         ds = src if isinstance(src, Dataset) else read_dicom(src)
@@ -143,32 +149,49 @@ def _worker_init():
 
 def _u16(x): return np.round(np.clip(x, 0, 1) * 65535).astype(np.uint16)
 
-def _open(file:str):
-    "A DICOM file's `Dataset`, read once for all its slices and labels; an image file as its path"
-    return file if os.path.splitext(file)[1].lower() in IMAGE_SUFFIXES else read_dicom(file)
+def _open(file:str, volume=None):
+    "A DICOM file's `Dataset` or a NIfTI `Volume`, read once for all its slices and labels; an image file as its path"
+    if os.path.splitext(file)[1].lower() in IMAGE_SUFFIXES: return file
+    return load_volume(file, volume) if is_nifti(file) else read_dicom(file)
 
-def _decode_one(src, frame, window, size, channels, tags):
-    "(uint16 slice or None, reason, labels) of one slice of `src` (a `Dataset` or an image file); never raises"
+def _decode_one(src, frame, window, size, channels, tags, volume=None):
+    "(uint16 slice or None, reason, labels) of one slice of `src` (a `Dataset`, `Volume` or image file); never raises"
     try:
-        x = read_slice((src, frame), window, size, channels)
+        x = read_slice((src, frame), window, size, channels, volume)
         return _u16(x), '', ({t: str(src.get(t, '')) for t in tags} if tags and isinstance(src, Dataset) else {})
-    except (DicomError, ImageFileError) as e: return None, e.reason, {}
+    except InputError as e: return None, e.reason, {}
     except Exception as e: return None, f'{type(e).__name__}: {e}', {}
 
 def _decode_chunk(args):
     "Worker: decode a list of (file, frame) items, the frames of a file from one read: [(None, slice, reason, labels)]"
-    items,window,size,channels,tags = args
+    items,window,size,channels,tags,*rest = args
+    volume = rest[0] if rest else None
     out,last,src = [],None,None
     for file,frame in items:
         if file != last:
-            last = file
-            try: src = _open(file)
-            except DicomError as e: src = e
-        out.append((None, None, src.reason, {}) if isinstance(src, DicomError) else (None, *_decode_one(src, frame, window, size, channels, tags)))
+            last,src = file,None  # the previous volume is freed before the next is read
+            try: src = _open(file, volume)
+            except InputError as e: src = e
+        out.append((None, None, src.reason, {}) if isinstance(src, InputError) else (None, *_decode_one(src, frame, window, size, channels, tags)))
     return out
 
-def _scan_decode_file(file, window, size, channels, tags):
+def _scan_decode_volume(file, window, size, channels, volume):
+    "[(row, slice, reason, labels)] for each kept slice of a NIfTI volume, from one read; one row with the reason if unusable"
+    out = []
+    try:
+        for r in volume_slices(file, window_list(window), volume):  # slice by slice: one volume in memory, never a copy of it
+            x = np.stack([square_slice(a, size) for a in r.pop('image')])
+            if channels and x.shape[0] == 1 and channels > 1: x = np.repeat(x, channels, 0)
+            out.append((r, _u16(x), '', {}))
+    except VolumeError as e:
+        try: st = os.stat(file); sz,mt = st.st_size,st.st_mtime
+        except OSError: sz,mt = 0,float('nan')
+        return [(dict(file=file, frame=0, frames=1, size=sz, mtime=mt, ok=False, reason=e.reason), None, e.reason, {})]
+    return out
+
+def _scan_decode_file(file, window, size, channels, tags, volume=None):
     "[(scan row, slice, reason, labels)] for each slice of one file, from one read of it"
+    if is_nifti(file): return _scan_decode_volume(file, window, size, channels, volume)
     if os.path.splitext(file)[1].lower() in IMAGE_SUFFIXES:
         st = os.stat(file)
         return [(dict(file=file, frame=0, frames=1, size=st.st_size, mtime=st.st_mtime, ok=True, reason=''),
@@ -180,12 +203,12 @@ def _scan_decode_file(file, window, size, channels, tags):
 
 def _scan_decode_chunk(args):
     "Worker: scan and decode a list of files: [(scan row, slice, reason, labels)] per slice; problems become reasons"
-    files,window,size,channels,tags = args
+    files,window,size,channels,tags,*rest = args
     out = []
     for file in files:
-        try: out += _scan_decode_file(file, window, size, channels, tags)
+        try: out += _scan_decode_file(file, window, size, channels, tags, rest[0] if rest else None)
         except Exception as e:  # e.g. a file deleted since the folder was listed: its row says so, the build goes on
-            why = e.reason if isinstance(e, (DicomError, ImageFileError)) else f'{type(e).__name__}: {e}'
+            why = e.reason if isinstance(e, InputError) else f'{type(e).__name__}: {e}'
             out.append((dict(file=file, frame=0, frames=1, ok=False, reason=why), None, why, {}))
     return out
 
@@ -204,7 +227,8 @@ def publish_folder(stage:Path, # a finished folder, private to this process
     return Path(folder)
 
 # %% ../nbs/02a_slices.ipynb #a64bfeb6
-_TEXT_COLUMNS = ('file', 'reason', 'sop_class', 'modality', 'series_uid', 'study_uid', 'patient', 'photometric')
+_TEXT_COLUMNS = ('file', 'reason', 'sop_class', 'modality', 'series_uid', 'study_uid', 'patient', 'photometric',
+                 'subject', 'axis', 'seg_class', 'window_used')  # the last four: NIfTI rows (`volumes.volume_slices`)
 
 def read_items(path, # a cache's `items.csv`
               )->pd.DataFrame:
@@ -319,6 +343,20 @@ class SliceCache:
             return (folder/'items.csv').exists()
         except Exception: return False
 
+# %% ../nbs/02a_slices.ipynb #e7a1c3d5
+def _jobs(units:list, # files, or (file, frame) pairs
+          chunk:int, # most units of non-volume files in one job
+          file_of=lambda u: u, # the file of a unit
+         )->list:
+    "Consecutive runs of `units` for the workers, in order: a NIfTI volume's units all in one job of their own"
+    jobs = []
+    for u in units:
+        f,last = file_of(u),(jobs[-1] if jobs else None)
+        prev = file_of(last[-1]) if last else None
+        if last and ((is_nifti(f) and f == prev) or (not is_nifti(f) and not is_nifti(prev) and len(last) < chunk)): last.append(u)
+        else: jobs.append([u])
+    return jobs
+
 # %% ../nbs/02a_slices.ipynb #5f8c1e37
 @patch(cls_method=True)
 def build(cls:SliceCache,
@@ -331,6 +369,7 @@ def build(cls:SliceCache,
           n_workers:int|None=None, # decoding processes (default: all cores; 0: in this process)
           progress:bool=True, # show a progress bar
           skipped:pd.DataFrame|None=None, # rows already known to be unusable (kept in the item table with their reason)
+          volume:VolumeOptions|dict|None=None, # how NIfTI volumes are sliced (see `volumes.VolumeOptions`)
          )->SliceCache:
     "Decode, window and resize every item once into `folder`; bad files are kept as rows with a reason"
     final = Path(folder)
@@ -341,9 +380,13 @@ def build(cls:SliceCache,
         items = items.reset_index(drop=True).copy()
         units,work = list(zip(items.file.astype(str), items.frame)),_decode_chunk
     else: units,work = [str(f) for f in items],_scan_decode_chunk
-    n_workers = (os.cpu_count() if n_workers is None else n_workers) if len(units) > 64 else 0  # few files: no pool
+    file_of = (lambda u: u[0]) if isinstance(items, pd.DataFrame) else (lambda u: u)
+    n_vols = len({file_of(u) for u in units if is_nifti(file_of(u))})
+    # a volume weighs as much as a folder of slices: two volumes are worth a pool, 64 small files are not
+    n_workers = (os.cpu_count() if n_workers is None else n_workers) if len(units) + 63 * n_vols > 64 else 0
     chunk = max(1, min(32, len(units) // max(1, 4 * (n_workers or 1))))
-    jobs = [(units[i:i+chunk], window, size, channels, tags) for i in range(0, len(units), chunk)]
+    vopts = volume_options(volume) if n_vols else None
+    jobs = [(u, window, size, channels, tags, vopts) for u in _jobs(units, chunk, file_of)]
     c = len(window_list(window)) if channels is None or channels == 1 else channels
     out = _SliceWriter(folder/'slices.u16.tmp', (c, size, size))
     try:
@@ -359,15 +402,25 @@ def build(cls:SliceCache,
     items.to_csv(folder/'items.csv', index=False)
     meta = dict(complete=True, shape=list(shape), crc32=crc if int(np.prod(shape)) * 2 <= 2**30 else None,  # `is_valid` checks up to 1 GiB
                 window=window_title(window), size=size, created=time.strftime('%Y-%m-%dT%H:%M:%S'))
+    if vopts is not None: meta['volume'] = options_key(vopts)
     (folder/'meta.json.tmp').write_text(json.dumps(meta))
     os.replace(folder/'meta.json.tmp', folder/'meta.json')  # written last: a cache without it is incomplete
     return cls(publish_folder(folder, final, cls.is_valid))
 
 # %% ../nbs/02a_slices.ipynb #81d5d00f
-def _cache_key(files_stat, window, size, channels, tags)->str:
+def _cache_key(files_stat, window, size, channels, tags, volume=None)->str:
     "Name of the cache folder of these files (with their sizes and mtimes) and settings"
-    h = hashlib.sha1(json.dumps([files_stat, window_title(window), repr(window), size, channels, tags, 2]).encode())
-    return h.hexdigest()[:20]
+    key = [files_stat, window_title(window), repr(window), size, channels, tags, 2]
+    if volume is not None: key.append(options_key(volume))  # only sources with NIfTI: DICOM caches keep their names
+    return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:20]
+
+def _volume_sources(files:list, volume)->tuple:
+    "(image files, files whose changes count: the images and every segmentation paired with them, options or None)"
+    if not any(is_nifti(f) for f in files): return files, files, None
+    opts = volume_options(volume)
+    images,_ = split_segmentations(files, opts.seg_rule)
+    segs = {str(s) for f in images if is_nifti(f) and (s := segmentation_path(f, opts.seg_rule)) is not None and s.exists()}
+    return images, sorted({str(f) for f in images} | segs), opts
 
 def prepare(source, # folder, file, list of files, or a `scan` DataFrame
             size:int=64, # side of the square slices
@@ -377,25 +430,27 @@ def prepare(source, # folder, file, list of files, or a `scan` DataFrame
             cache_dir=None, # default: `default_cache_dir()/'slices'`
             n_workers:int|None=None, # decoding processes
             progress:bool=True, # show a progress bar
+            volume:VolumeOptions|dict|None=None, # how NIfTI volumes are sliced (see `volumes.VolumeOptions`)
            )->SliceCache:
     "The decode-once cache of `source`, built now if no valid one exists"
     if isinstance(source, pd.DataFrame):
         files = sorted(set(source.file.astype(str)))
+        _,watched,vopts = _volume_sources(files, volume)
         # every column counts: a DataFrame's own label column must not be served from a cache of older values
-        key_src = [_stat_key(files), hashlib.sha1(pd.util.hash_pandas_object(source.astype(str), index=False).values.tobytes()).hexdigest(),
+        key_src = [_stat_key(watched), hashlib.sha1(pd.util.hash_pandas_object(source.astype(str), index=False).values.tobytes()).hexdigest(),
                    sorted(map(str, source.columns))]
     else:
-        files = source_files(source)
-        key_src = _stat_key(files)
-    folder = Path(cache_dir or default_cache_dir()/'slices')/_cache_key(key_src, window, size, channels, tags)
+        files,watched,vopts = _volume_sources(source_files(source), volume)
+        key_src = _stat_key(watched)
+    folder = Path(cache_dir or default_cache_dir()/'slices')/_cache_key(key_src, window, size, channels, tags, vopts)
     if SliceCache.is_valid(folder): return SliceCache(folder)
     if not isinstance(source, pd.DataFrame):
         if not files: raise SourceError(source, 'no files found')
-        return SliceCache.build(files, folder, window, size, channels, tags, n_workers, progress)
+        return SliceCache.build(files, folder, window, size, channels, tags, n_workers, progress, volume=vopts)
     todo = source[source.ok.astype(bool)] if 'ok' in source else source
     bad = source[~source.ok.astype(bool)] if 'ok' in source else source.iloc[:0]
     return SliceCache.build(todo.drop(columns=['ok', 'reason'], errors='ignore').reset_index(drop=True), folder, window, size,
-                            channels, tags, n_workers, progress, skipped=bad)
+                            channels, tags, n_workers, progress, skipped=bad, volume=vopts)
 
 # %% ../nbs/02a_slices.ipynb #7b45e8fa
 def blank_mask(cache:SliceCache, # the cache to test
