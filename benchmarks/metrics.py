@@ -12,7 +12,16 @@ up to size/16 px, mirrored, re-contrasted and noised); the samples are made the 
 (MR HFP, CT 21-27). Its reference is the plain RMS nearest neighbour (the audit it replaced: one torch.cdist of
 samples x training slices and a min), measured in the same run. Target: the whole audit under 60 s on 2 cores.
 
+Utility (`utility.utility_scores`: three classifier trainings, real / synthetic / both, tested on held-out real slices,
+with 200 bootstrap resamples) is timed on MR vs CT built from ../shared/data: `--utility-n` training slices (default
+1,000: the real slices of MR HFS/HFDL/HFDR and CT 0-20, each copy shifted, mirrored, re-contrasted and noised as above)
+and the unseen MR HFP and CT 21-27 slices as the test set, at 64 px; the "generator" hands out other such copies of
+its class. Its reference is the same CNN trained by a plain PyTorch loop (same epochs, batch size and optimiser
+steps) on the real training slices once: the ratio says what three trainings through fastai, the synthetic draws and
+the bootstrap cost on top. Target: under 10 minutes on 2 cores.
+
 Usage: .venv/bin/python benchmarks/metrics.py [--n 1000] [--size 64] [--repeats 3] [--naive] [--n-train 10000] [--copies-only]
+       [--utility-only] [--utility-n 1000]
 FID/KID/IS are not timed: they need the Inception weights (about 100 MB) and, at 10,000 images, a GPU.
 """
 import argparse, statistics, time
@@ -109,13 +118,54 @@ def copy_rows(n, n_train, size, repeats):
     print(f"{'memorisation_audit (groups, 1000 held out)':42s} {t:8.2f} {t / ref:9.0f}  copy rate {a.copy_rate:.3f}, "
           f"threshold {a.threshold:.3f}, Z_U {a.copying_test['z']:.1f}  {'ok' if t < 60 else 'OVER'}")
 
+class _CopyBank(torch.nn.Module):
+    "A conditional stand-in generator: class k hands out augmented copies of its real slices, picked by the noise"
+    def __init__(self, banks, vocab):
+        super().__init__()
+        self.n_classes, self.z_dim, self.size, self.n_channels, self.vocab = len(banks), 8, banks[0].shape[-1], 1, vocab
+        self.banks = torch.nn.ParameterList([torch.nn.Parameter(b, requires_grad=False) for b in banks])
+    def forward(self, z, labels):
+        pick = (z[:, 0].abs() * 1e4).long()
+        return torch.stack([self.banks[int(l)][int(p) % len(self.banks[int(l)])] for p, l in zip(pick, labels)])
+
+def utility_rows(n_train, size=64):
+    "Time `utility_scores` on MR vs CT at `size` px, against a plain PyTorch training of the same CNN"
+    from medgan_fastai.utility import utility_scores, slice_classifier
+    if not (DATA/'mr-t1-sag').is_dir(): return print(f'utility: real slices not found at {DATA}, skipped')
+    v = real_volumes(size)
+    mr, ct = torch.cat([v['HFS'], v['HFDL'], v['HFDR']]), v['CT']
+    n_ct = max(2, round(n_train * len(ct) / (len(mr) + len(ct))))
+    xr, _ = augmented(mr, n_train - n_ct, 2); xc, _ = augmented(ct, n_ct, 3)
+    real, labels = torch.cat([xr, xc]), ['MR'] * (n_train - n_ct) + ['CT'] * n_ct
+    hold = torch.cat([v['HFP'], v['CT held']]); hold_labels = ['MR'] * len(v['HFP']) + ['CT'] * len(v['CT held'])
+    bank = _CopyBank([augmented(ct, 500, 4)[0], augmented(mr, 500, 5)[0]], ['CT', 'MR'])
+    epochs, bs = 8, 32
+    def plain():  # the reference: the same network, epochs and batch size in a bare loop, no fastai, no schedule
+        torch.manual_seed(0)
+        m = slice_classifier(2); opt = torch.optim.Adam(m.parameters(), 3e-3)
+        y = torch.tensor([int(l == 'MR') for l in labels])
+        for _ in range(epochs):
+            for i in torch.randperm(len(real)).split(bs):
+                opt.zero_grad(); F.cross_entropy(m(real[i]), y[i]).backward(); opt.step()
+    ref, _ = seconds(plain, 1)
+    print(f'\nutility: {len(real)} real training slices (MR {n_train - n_ct}, CT {n_ct}) and as many synthetic, '
+          f'{len(hold)} unseen real test slices, {size} px, {epochs} epochs, torch {torch.get_num_threads()} threads')
+    print(f'reference: the CNN trained once in a plain PyTorch loop on the real slices: {ref:.2f} s')
+    t, r = seconds(lambda: utility_scores(bank, real, labels, holdout=hold, holdout_labels=hold_labels, epochs=epochs, n_boot=200), 1)
+    print(f"{'step':42s} {'seconds':>8s} {'x plain':>8s}  value (target: < 600 s)")
+    print(f"{'utility_scores (3 trainings, 200 resamples)':42s} {t:8.2f} {t / ref:8.1f}  balanced accuracy real "
+          f"{r['utility_real_balanced_accuracy']:.3f}, synthetic {r['utility_synthetic_balanced_accuracy']:.3f}, "
+          f"mixed {r['utility_mixed_balanced_accuracy']:.3f}, TSTR/TRTR {r['tstr_trtr']:.3f}  {'ok' if t < 600 else 'OVER'}")
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--n', type=int, default=1000); p.add_argument('--size', type=int, default=64)
     p.add_argument('--repeats', type=int, default=3); p.add_argument('--naive', action='store_true')
     p.add_argument('--n-train', type=int, default=10000); p.add_argument('--copies-only', action='store_true')
+    p.add_argument('--utility-only', action='store_true'); p.add_argument('--utility-n', type=int, default=1000)
     a = p.parse_args()
     if a.copies_only: return copy_rows(a.n, a.n_train, a.size, a.repeats)
+    if a.utility_only: return utility_rows(a.utility_n, a.size)
     real, fake = blobs(a.n, a.size, 0), blobs(a.n, a.size, 1)
     print(f'{a.n} vs {a.n} images at {a.size} px, torch {torch.__version__}, {torch.get_num_threads()} threads')
     torch.cdist(real.flatten(1), fake.flatten(1))  # warm-up: the first call pays for thread pools and allocations
@@ -134,5 +184,6 @@ def main():
         t, v = seconds(f, a.repeats)
         print(f'{name:42s} {t:8.2f} {t / ref:8.0f}' + (f' {t / naive:12.3f}' if a.naive else '') + f'  {v}  {"ok" if t < 60 else "OVER"}')
     copy_rows(a.n, a.n_train, a.size, a.repeats)
+    utility_rows(a.utility_n, a.size)
 
 if __name__ == '__main__': main()

@@ -110,15 +110,26 @@ def _class_name(g, k:int)->str:
 def _class_suffix(g)->str: return f'_{_class_name(g.G, g.label)}' if hasattr(g, 'G') and hasattr(g, 'label') else ''
 
 # %% ../nbs/10_cli.ipynb #ee7f98ba
-def _write_images(x01, names:list, outp:Path, format:str, bits:int, overwrite:bool, g)->list:
-    "Write the [0, 1] images `x01` as PNG files named `names` or as one synthetic DICOM series: the files, in order"
+def _hu_window(g, model)->tuple:
+    "The CT window (center, width) in HU that `g` was trained with, or exit with one line when it has none"
+    from medgan_fastai.dicom import parse_window, resolve_window
+    w = parse_window(str((getattr(g, 'info', {}) or {}).get('window') or 'auto'))
+    if w in ('auto', 'file'):
+        sys.exit(f'medgan generate: --units hu needs a model trained on CT with a fixed window (--window brain, bone, ... or '
+                 f'CENTER,WIDTH in HU); {Path(str(model)).name} was trained with window {w!r}, so its pixels have no HU scale')
+    return resolve_window(w)
+
+def _write_images(x01, names:list, outp:Path, format:str, bits:int, overwrite:bool, g, hu_window=None)->list:
+    "Write the [0, 1] images `x01` as PNG files named `names` or as one synthetic DICOM series (HU over `hu_window` when given): the files, in order"
     from medgan_fastai.persist import write_atomic
     from medgan_fastai.convert import save_slice, write_dicom_series
     if not len(x01): return []
     if format == 'dicom':
-        files = write_dicom_series(list(x01), outp, modality='OT', units='unit', synthetic=True, overwrite=overwrite,
+        units = dict(modality='CT', units='hu', window=hu_window) if hu_window is not None else dict(modality='OT', units='unit')
+        files = write_dicom_series(list(x01), outp, **units, synthetic=True, overwrite=overwrite,
                                    series_description=f'medgan_fastai synthetic ({g.config.get("arch")})')
-        print(f'wrote {len(files)} synthetic DICOM files (one series) to {outp}')
+        print(f'wrote {len(files)} synthetic DICOM files (one series) to {outp}' +
+              (f', CT in HU over the training window {hu_window[0]:g},{hu_window[1]:g}' if hu_window is not None else ''))
         return files
     files = [outp/f'{nm}.png' for nm in names]
     written = sum(write_atomic(f, lambda p, x=x: save_slice(x, p, bits=bits), overwrite=overwrite) for x,f in zip(x01, files))
@@ -146,16 +157,20 @@ def generate(model:str, # a run folder, a generator.pth, or a checkpoint
              label:str=None, # conditional generators: the class to make (a name from training, or an index); default: every class in turn
              privacy_filter:bool=True, # leave out near-copies of training slices, write audit.json (--no-privacy-filter: write all, unchecked)
              training_data:str=None, # the run's training data, if it moved since training (default: where the run recorded it)
+             units:str='unit', # DICOM pixel values: unit ([0, 1]) or hu (CT models trained with a window: Hounsfield units over it)
             ):
     "Write images from a trained generator as PNG or synthetic DICOM, leaving out near-copies of training slices"
     from medgan_fastai.persist import load_generator
     from medgan_fastai.privacy import PrivacyFilter, screen, write_audit
     import medgan_fastai.latent as latent  # not `from medgan_fastai import latent`: the package's lazy loader would import everything
     if format not in ('png', 'dicom'): sys.exit(f'medgan generate: unknown format {format!r} (png or dicom)')
+    if units not in ('unit', 'hu'): sys.exit(f'medgan generate: unknown units {units!r} (unit or hu)')
+    if units == 'hu' and format != 'dicom': sys.exit('medgan generate: --units hu is for --format dicom (PNG has no units)')
     outp = Path(out)
     if format == 'dicom' and outp.exists() and any(outp.glob('*.dcm')) and not overwrite:
         sys.exit(f'medgan generate: {outp} already holds DICOM files; use --overwrite or another --out')
     g = load_generator(model)
+    hu_window = _hu_window(g, model) if units == 'hu' else None  # refused before any work
     pf = PrivacyFilter.from_model(model, g, source=training_data) if privacy_filter else None
     off = '--no-privacy-filter' if not privacy_filter else 'the model records no training data: --training-data names it'
     if mix:
@@ -172,7 +187,7 @@ def generate(model:str, # a run folder, a generator.pth, or a checkpoint
         res = screen(make, list(range(seed, seed + n)), pf)
         names = [f'seed_{s:06d}' + ('' if labels is None else f'_{_class_name(g, labels[i])}') for s,i in zip(res.seeds, res.slots)]
     x01 = ((res.images.clamp(-1, 1) + 1) / 2)[:, 0].numpy() if len(res.seeds) else []
-    files = _write_images(x01, names, outp, format, bits, overwrite, g)
+    files = _write_images(x01, names, outp, format, bits, overwrite, g, hu_window)
     audit,pairs = write_audit(outp, res, files, pf, off, overwrite=overwrite, model=Path(model).name, format=format)
     print(_privacy_line(res, pf, off, audit))
     if pairs is not None: print(f'{pairs}: the closest pairs, beside training slices (keep it with the training data)')
@@ -199,22 +214,88 @@ def real_slices(source, # the real slices' folder, or 'demo'
     col = next((c for c in ('patient', 'series_uid') if c in tab and tab.loc[idx, c].nunique() > 1), None)
     return dls.cache.gather(idx) * 2 - 1, (None if col is None else [str(v) for v in tab.loc[idx, col]])
 
+# %% ../nbs/10_cli.ipynb #b2c10e01
+def _labelled_set(source, holdout, g, model, label)->dict:
+    "The real labelled slices (and explicit holdout) for `utility_scores`, read with the model's own label rule"
+    from medgan_fastai.utility import label_rule, labelled_slices
+    rule,label_map = label_rule(g, model, label)
+    if source == 'demo': sys.exit('medgan evaluate: utility needs a labelled SOURCE folder (the demo series has no classes)')
+    x,y,groups = labelled_slices(source, g, rule, label_map)
+    kw = dict(real=x, labels=y.tolist(), groups=groups)
+    if holdout:
+        hx,hy,_ = labelled_slices(holdout, g, rule, label_map)
+        kw.update(holdout=hx, holdout_labels=hy.tolist())
+    return kw
+
+def _score_model(m, g, fake, real, groups, names, source, holdout, label, seed, n_boot, floor, inception_weights, utility_sets)->tuple:
+    "(scores with `_lo`/`_hi`/`_floor` keys, notes, a line on any metric that could not be computed) of one model"
+    from medgan_fastai.scoring import evaluate as score, InceptionWeightsError
+    mp = Path(m)
+    folder,res,failed,notes = (mp if mp.is_dir() else mp.parent)/'metrics',{},None,{}
+    rest = [k for k in names if k != 'utility']
+    kw = dict(seed=seed, memo_groups=groups, n_boot=n_boot, floor=floor, overwrite=True)
+    try: res = score(fake, real, metrics=rest, inception_weights=inception_weights, picture_dir=folder if 'memo' in rest else None, **kw) if rest else {}
+    except InceptionWeightsError as e:  # the weight-free metrics are still worth having: compute them, then say what is missing
+        missing = [k for k in rest if k in ('fid', 'kid', 'is')]
+        failed = f'{", ".join(missing)} not computed: {e.path}: {e.reason}'
+        rest = [k for k in rest if k not in missing]
+        res = score(fake, real, metrics=rest, picture_dir=folder if 'memo' in rest else None, **kw) if rest else {}
+    if 'utility' in names:
+        from medgan_fastai.utility import utility_scores
+        key = (g.size, str(g.info.get('window')), tuple(getattr(g, 'vocab', None) or []), str(label))
+        if key not in utility_sets: utility_sets[key] = _labelled_set(source, holdout, g, m, label)
+        u = utility_scores(g, **utility_sets[key], n_boot=n_boot, seed=seed)
+        notes['utility_split'] = u.pop('utility_split')
+        res.update(u)
+    return {k: float(v) for k,v in res.items()}, notes, failed
+
+def _split_scores(res:dict)->tuple:
+    "(point values, {key: [lo, hi]}, {key: real-vs-real floor}) of `evaluate`'s flat scores"
+    point = {k: v for k,v in res.items() if not k.endswith(('_lo', '_hi', '_floor'))}
+    return (point, {k: [res[f'{k}_lo'], res[f'{k}_hi']] for k in point if f'{k}_lo' in res},
+            {k: res[f'{k}_floor'] for k in point if f'{k}_floor' in res})
+
+# %% ../nbs/10_cli.ipynb #b2c10e02
+_HIGHER_IS_BETTER = ('precision', 'recall', 'is', 'utility_synthetic_balanced_accuracy', 'tstr_trtr')
+
+def _ranking(rows:list, intervals:dict)->tuple:
+    "(table ranked by the first rankable metric, that metric): each model's 95% interval and whether it is told apart from the best"
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    first = next((c for c in df.columns if c != 'model' and c in _LOWER_IS_BETTER + _HIGHER_IS_BETTER), None)
+    if first is None or len(df) < 2: return df, None
+    df = df.sort_values(first, ascending=first in _LOWER_IS_BETTER, kind='stable').reset_index(drop=True)
+    df.index += 1
+    ivs = [intervals.get(m, {}).get(first) for m in df.model]
+    if all(iv is not None for iv in ivs):
+        best = ivs[0]
+        at = df.columns.get_loc(first) + 1
+        df.insert(at, f'{first} 95%', [f'{lo:.4g}..{hi:.4g}' for lo,hi in ivs])
+        df.insert(at + 1, 'distinguishable', ['best'] + ['yes' if hi < best[0] or lo > best[1] else 'no: overlaps the best' for lo,hi in ivs[1:]])
+    return df, first
+
+# %% ../nbs/10_cli.ipynb #b2c10e03
 def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth files or checkpoints
              source:str, # the real slices: DICOM/PNG/JPG folder, or `demo` for the demo brain MR series
              n:int=1000, # generated images per model (and real slices, at most)
-             metrics:str='swd,msssim,pr,memo', # comma-separated: swd, msssim, pr, memo, fid, kid, is
+             metrics:str='swd,msssim,pr,memo', # comma-separated: swd, msssim, pr, memo, fid, kid, is, utility
              seed:int=0, # first seed of the generated images
              inception_weights:str=None, # local torch-fidelity Inception weights (pt_inception-2015-12-05) for fid/kid/is
              overwrite:bool=False, # replace existing metrics.json and pictures
+             n_boot:int=200, # bootstrap resamples for the 95% intervals (recomputed metrics: a tenth, at least 10); 0: none
+             floor:bool=True, # also score two patient-disjoint halves of the real slices against each other (--no-floor: skip)
+             holdout:str=None, # utility: real labelled slices to test on (default: patients/series of SOURCE held out)
+             label:str=None, # utility: the model's label rule ('folder' or a DICOM tag) when the model does not record it
             ):
-    "Score trained generators against real slices (SWD, MS-SSIM diversity, precision/recall, memorisation, FID/KID/IS)"
+    "Score trained generators against real slices (SWD, MS-SSIM, precision/recall, memorisation, FID/KID/IS, utility) with 95% intervals"
     import json, pandas as pd
     from medgan_fastai.persist import load_generator, write_atomic
-    from medgan_fastai.scoring import evaluate as score, InceptionWeightsError
+    from medgan_fastai.scoring import METRICS
     from medgan_fastai.card import write_model_card
     from medgan_fastai import latent
     names = [m.strip() for m in metrics.split(',') if m.strip()]
-    rows,reals,failed = [],{},[]
+    if bad := [k for k in names if k not in METRICS + ('utility',)]: sys.exit(f'medgan evaluate: unknown metrics {bad}: choose from {METRICS + ("utility",)}')
+    rows,reals,utility_sets,failed,intervals,floors = [],{},{},[],{},{}
     for m in models:
         g = load_generator(m, device='cpu')
         info = getattr(g, 'info', {}) or {}
@@ -222,32 +303,26 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
         if key not in reals: reals[key] = real_slices(source, g, n)  # the same real set for every model trained the same way
         real,groups = reals[key]
         fake = latent.generate(g, list(range(seed, seed + n)), labels=_seed_labels(g, list(range(n))))
+        res,notes,miss = _score_model(m, g, fake, real, groups, names, source, holdout, label, seed, n_boot, floor, inception_weights, utility_sets)
+        if miss: failed.append(miss)
+        point,intervals[str(m)],floors = _split_scores(res)
         mp = Path(m)
-        folder = (mp if mp.is_dir() else mp.parent)/'metrics'
-        try: res = score(fake, real, metrics=names, seed=seed, inception_weights=inception_weights, memo_groups=groups,
-                         picture_dir=folder if 'memo' in names else None, overwrite=True)
-        except InceptionWeightsError as e:  # the weight-free metrics are still worth having: compute them, then say what is missing
-            missing = [k for k in names if k in ('fid', 'kid', 'is')]
-            failed.append(f'{", ".join(missing)} not computed: {e.path}: {e.reason}')
-            rest = [k for k in names if k not in missing]
-            res = score(fake, real, metrics=rest, seed=seed, memo_groups=groups, picture_dir=folder if 'memo' in rest else None,
-                        overwrite=True) if rest else {}
-        res = {k: float(v) for k,v in res.items()}
-        out = dict(model=str(m), source=str(source), n_fake=len(fake), n_real=len(real), seed=seed, metrics=res)
-        dst = (mp if mp.is_dir() else mp.parent)/'metrics.json'
-        if dst.exists() and not overwrite: dst = folder/f'metrics_{pd.Timestamp.now():%Y%m%d_%H%M%S}.json'
-        write_atomic(dst, lambda p: Path(p).write_text(json.dumps(out, indent=1)), overwrite=True)
         run = mp if mp.is_dir() else mp.parent
+        out = dict(model=str(m), source=str(source), n_fake=len(fake), n_real=len(real), seed=seed, metrics=point,
+                   intervals=intervals[str(m)], floors=floors, n_boot=n_boot, notes=notes)
+        dst = run/'metrics.json'
+        if dst.exists() and not overwrite: dst = run/'metrics'/f'metrics_{pd.Timestamp.now():%Y%m%d_%H%M%S}.json'
+        write_atomic(dst, lambda p: Path(p).write_text(json.dumps(out, indent=1)), overwrite=True)
         if (run/'config.json').exists(): write_model_card(run)  # the run's card shows its newest scores
-        rows.append(dict(model=str(m), **res))
-        print(f"{m}: " + ', '.join(f'{k} {v:.4g}' for k,v in res.items()) + f'  -> {dst}')
-    df = pd.DataFrame(rows)
-    first = next((c for c in df.columns if c != 'model' and c in _LOWER_IS_BETTER + ('precision', 'recall', 'is')), None)
-    if first is not None and len(df) > 1:
-        df = df.sort_values(first, ascending=first in _LOWER_IS_BETTER).reset_index(drop=True)
-        df.index += 1
+        rows.append(dict(model=str(m), **point))
+        iv = lambda k: f' [{intervals[str(m)][k][0]:.4g}, {intervals[str(m)][k][1]:.4g}]' if k in intervals[str(m)] else ''
+        print(f"{m}: " + ', '.join(f'{k} {v:.4g}{iv(k)}' for k,v in point.items()) + f'  -> {dst}')
+    if floors: print('real-vs-real floor (two patient-disjoint halves of the real slices): ' + ', '.join(f'{k} {v:.4g}' for k,v in floors.items()))
+    df,first = _ranking(rows, intervals)
+    if first is not None:
         print(f"\nranked by {first} ({'lower' if first in _LOWER_IS_BETTER else 'higher'} is better), "
-              f"{n} samples each against the same {len(next(iter(reals.values())))} real slices:")
+              f"{n} samples each against the same {len(next(iter(reals.values()))[0])} real slices"
+              + (f'; the real-vs-real floor is {floors[first]:.4g}' if first in floors else '') + ':')
     print(df.to_string())
     if failed: sys.exit(f'medgan evaluate: {failed[0]}')  # one line; the metrics that could be computed are above
     return df

@@ -21,7 +21,7 @@ from .series import *
 from .persist import *
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'TEMPLATE_TAGS', 'save_slice', 'write_report', 'convert_folder', 'patient_orientation',
+__all__ = ['REPORT_COLUMNS', 'TEMPLATE_TAGS', 'save_slice', 'write_report', 'convert_folder', 'hu_rescale', 'patient_orientation',
            'dicom_series_datasets', 'write_dicom_series', 'write_synthetic_dicom']
 
 # %% ../nbs/01d_convert.ipynb #1ccbaf4c
@@ -127,6 +127,15 @@ def convert_folder(src, # a folder of DICOM files, a file, or a list of files
     report.attrs['path'] = write_report(report, dst, overwrite)
     return report
 
+# %% ../nbs/01d_convert.ipynb #c1d0e001
+def hu_rescale(window, # (center, width) in HU of a DICOM linear window, or a preset name such as 'brain'
+              )->tuple: # (slope, intercept): HU = stored * slope + intercept
+    "RescaleSlope and RescaleIntercept that map stored 0..65535 to HU across `window`, so [0, 1] images read back in HU"
+    c, w = resolve_window(window) if isinstance(window, str) else (float(window[0]), float(window[1]))
+    if w < 1: raise ValueError(f'a linear window needs a width >= 1 HU, not {w}')
+    lo = c - 0.5 - (w - 1) / 2  # where `window_image` (DICOM's LINEAR VOI) gives 0; it gives 1 at lo + (w - 1)
+    return (w - 1) / 65535, lo
+
 # %% ../nbs/01d_convert.ipynb #cdadd00c
 _SOP_CLASSES = dict(CT=pydicom.uid.CTImageStorage, MR=pydicom.uid.MRImageStorage)
 # ImageType value 3, required by the CT and MR Image modules ('OTHER' is MR's term for a derived image of no listed kind)
@@ -147,9 +156,9 @@ def _image_stack(images):
 
 def _stored_values(arr, units, rescale):
     "Integers to store, their dtype, and (slope, intercept) as the DS strings written to the file"
-    if units == 'unit':
-        return np.round(np.clip(arr, 0, 1) * 65535).astype('<u2'), ('1', '0')
-    if units != 'modality': raise ValueError(f"units must be 'unit' or 'modality', not {units!r}")
+    if units in ('unit', 'hu'):  # [0, 1] as 0..65535; 'hu': with the rescale that maps them to HU over the window
+        return np.round(np.clip(arr, 0, 1) * 65535).astype('<u2'), ('1', '0') if units == 'unit' else tuple(format_number_as_ds(float(v)) for v in rescale)
+    if units != 'modality': raise ValueError(f"units must be 'unit', 'hu' or 'modality', not {units!r}")
     if rescale is None:
         integral = np.all(arr == np.round(arr))
         if integral and arr.min() >= -32768 and arr.max() <= 32767: rescale = (1, 0)
@@ -220,7 +229,7 @@ def _instance_dataset(img:np.ndarray, pos:np.ndarray, i:int, # stored pixels, Im
     ds.BitsAllocated,ds.BitsStored,ds.HighBit = 16,16,15
     ds.PixelRepresentation = int(img.dtype.kind == 'i')
     ds.RescaleSlope,ds.RescaleIntercept = s.slope,s.intercept
-    if 'RescaleType' not in ds: ds.RescaleType = 'HU' if s.modality == 'CT' and s.units == 'modality' else 'US'
+    if 'RescaleType' not in ds: ds.RescaleType = 'HU' if s.modality == 'CT' and s.units in ('modality', 'hu') else 'US'
     ds.WindowCenter,ds.WindowWidth = format_number_as_ds(float(s.c)),format_number_as_ds(float(s.w))
     ds.PixelData = img.tobytes()
     return ds
@@ -228,7 +237,7 @@ def _instance_dataset(img:np.ndarray, pos:np.ndarray, i:int, # stored pixels, Im
 # %% ../nbs/01d_convert.ipynb #2a3f0fe9
 def dicom_series_datasets(images, # (n, rows, cols) or a list of 2-D arrays (a (n, 1, rows, cols) tensor works)
                           modality:str='OT', # 'CT' and 'MR' get their own storage class; others are Secondary Capture
-                          units:str='unit', # 'unit': images in [0, 1]; 'modality': in modality units (HU for CT)
+                          units:str='unit', # 'unit': images in [0, 1]; 'hu': [0, 1] over the CT `window`, stored as HU; 'modality': in modality units (HU for CT)
                           synthetic:bool=True, # mark as synthetic (generated); False: a real derived image set
                           series_description:str|None=None, # what the series is (prefixed 'SYNTHETIC' when synthetic)
                           pixel_spacing=(1.0, 1.0), # mm between rows, columns
@@ -244,6 +253,11 @@ def dicom_series_datasets(images, # (n, rows, cols) or a list of 2-D arrays (a (
                          )->list: # one `Dataset` per image
     "DICOM datasets forming one new series of `images`, with new UIDs and synthetic identity"
     arr = _image_stack(images)
+    if units == 'hu':
+        if modality.upper() != 'CT': raise ValueError(f"units='hu' writes CT, not {modality}: pass modality='CT'")
+        if window is None: raise ValueError("units='hu' needs window=(center, width): the CT window the [0, 1] images were made with")
+        rescale = hu_rescale(window)
+        window = resolve_window(window) if isinstance(window, str) else window
     stored,(slope,intercept) = _stored_values(arr, units, rescale)
     modality = modality.upper()
     sop_class = _SOP_CLASSES.get(modality, pydicom.uid.SecondaryCaptureImageStorage)
@@ -274,7 +288,7 @@ def dicom_series_datasets(images, # (n, rows, cols) or a list of 2-D arrays (a (
 def write_dicom_series(images, # (n, rows, cols) or a list of 2-D arrays, see `dicom_series_datasets`
                        folder, # destination folder (created)
                        modality:str='OT', # 'CT', 'MR' or another modality (Secondary Capture)
-                       units:str='unit', # 'unit' ([0, 1]) or 'modality' (HU for CT)
+                       units:str='unit', # 'unit' ([0, 1]), 'hu' ([0, 1] over a CT `window`, stored as HU) or 'modality' (HU for CT)
                        synthetic:bool=True, # mark as synthetic; False for real derived images
                        series_description:str|None=None, # what the series is
                        pixel_spacing=(1.0, 1.0), # mm between rows, columns

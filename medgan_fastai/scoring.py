@@ -8,6 +8,7 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/scoring.html.md"""
 from __future__ import annotations
 import contextlib, math, socket, warnings
 from pathlib import Path
+import numpy as np
 import torch
 import torch.nn as nn
 import matplotlib.pyplot as plt
@@ -21,8 +22,8 @@ from .callbacks import sampling_generator
 
 # %% auto #0
 __all__ = ['INCEPTION_URL', 'METRICS', 'inception_cache_file', 'InceptionWeightsError', 'inception_weights_file',
-           'inception_network', 'inception_input', 'inception_metrics', 'metric_keys', 'evaluate', 'preserved_rng',
-           'MetricsCallback']
+           'inception_network', 'inception_input', 'inception_values', 'inception_metrics', 'metric_keys',
+           'percentile_interval', 'real_halves', 'evaluate', 'preserved_rng', 'MetricsCallback']
 
 # %% ../nbs/07b_scoring.ipynb #d473ee94
 INCEPTION_URL = 'https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth'
@@ -90,26 +91,16 @@ def _network_features(net, images, batch_size, device):
             outs.append([t.double().flatten(1).cpu() for t in (o if isinstance(o, (tuple, list)) else (o,))])
     return tuple(torch.cat(col) for col in zip(*outs))
 
-def inception_metrics(fake, # generated images (n, c, h, w) in [-1, 1]
-                      real, # real images (m, c, h, w) in [-1, 1]
-                      metrics=('fid', 'kid', 'is'), # any of 'fid', 'kid', 'is'
-                      inception_weights=None, # a local Inception weights file (default: hub cache / download)
-                      feature:nn.Module|None=None, # replaces Inception: uint8 (n, 3, h, w) -> (n, d) (tests, other nets)
-                      kid_subset_size:int|None=None, # default: the smaller set's size, at most 1000
-                      kid_subsets:int=100, # KID subsets
-                      is_splits:int=10, # IS splits (at most one per sample)
-                      batch_size:int=50, # images per forward pass
-                      device=None, # default: CUDA if available
-                      seed:int=0, # seeds KID's subsets and IS's splits
-                      timeout:float=20., # seconds to wait for the network when downloading the weights
-                     )->dict: # `fid`, `kid`, `kid_std`, `is`, `is_std` as asked
-    "FID, KID and IS through torchmetrics on torch-fidelity's Inception features (rules above)"
+def inception_values(ff:tuple, # features of the generated images: (pool (n, d), logits (n, k)) as `_network_features` gives
+                     fr:tuple|None, # features of the real images (needed for FID and KID)
+                     metrics=('fid', 'kid', 'is'), # any of 'fid', 'kid', 'is'
+                     kid_subset_size:int|None=None, # default: the smaller set's size, at most 1000
+                     kid_subsets:int=100, # KID subsets
+                     is_splits:int=10, # IS splits (at most one per sample)
+                     seed:int=0, # seeds KID's subsets and IS's splits
+                    )->dict: # `fid`, `kid`, `kid_std`, `is`, `is_std` as asked
+    "FID, KID and IS from features computed once (the bootstrap resamples their rows)"
     from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance, InceptionScore
-    metrics = [m for m in metrics if m in ('fid', 'kid', 'is')]
-    if device is None: device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    net = (feature if feature is not None else inception_network(inception_weights, timeout)).to(device).eval()
-    ff = _network_features(net, fake, batch_size, device)
-    fr = _network_features(net, real, batch_size, device) if {'fid', 'kid'} & set(metrics) else None
     res = {}
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='Metric `.*` will save all extracted features')  # we keep few
@@ -129,6 +120,28 @@ def inception_metrics(fake, # generated images (n, c, h, w) in [-1, 1]
             res['is'], res['is_std'] = (v.item() for v in m.compute())
     return res
 
+# %% ../nbs/07b_scoring.ipynb #a1c0e001
+def inception_metrics(fake, # generated images (n, c, h, w) in [-1, 1]
+                      real, # real images (m, c, h, w) in [-1, 1]
+                      metrics=('fid', 'kid', 'is'), # any of 'fid', 'kid', 'is'
+                      inception_weights=None, # a local Inception weights file (default: hub cache / download)
+                      feature:nn.Module|None=None, # replaces Inception: uint8 (n, 3, h, w) -> (n, d) (tests, other nets)
+                      kid_subset_size:int|None=None, # default: the smaller set's size, at most 1000
+                      kid_subsets:int=100, # KID subsets
+                      is_splits:int=10, # IS splits (at most one per sample)
+                      batch_size:int=50, # images per forward pass
+                      device=None, # default: CUDA if available
+                      seed:int=0, # seeds KID's subsets and IS's splits
+                      timeout:float=20., # seconds to wait for the network when downloading the weights
+                     )->dict: # `fid`, `kid`, `kid_std`, `is`, `is_std` as asked
+    "FID, KID and IS through torchmetrics on torch-fidelity's Inception features (rules above)"
+    metrics = [m for m in metrics if m in ('fid', 'kid', 'is')]
+    if device is None: device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    net = (feature if feature is not None else inception_network(inception_weights, timeout)).to(device).eval()
+    ff = _network_features(net, fake, batch_size, device)
+    fr = _network_features(net, real, batch_size, device) if {'fid', 'kid'} & set(metrics) else None
+    return inception_values(ff, fr, metrics, kid_subset_size, kid_subsets, is_splits, seed)
+
 # %% ../nbs/07b_scoring.ipynb #2a60d316
 METRICS = ('swd', 'msssim', 'pr', 'memo', 'fid', 'kid', 'is')
 
@@ -144,6 +157,116 @@ def metric_keys(metrics, # names from `METRICS`
                 pr=['precision', 'recall'], fid=['fid'], kid=['kid', 'kid_std'], is_=['is', 'is_std'],
                 memo=['copy_rate', 'copy_threshold', 'median_similarity', 'median_reference_similarity', 'data_copying_z', 'data_copying_p'])
     return [k for m in metrics for k in keys['is_' if m == 'is' else m]]
+
+# %% ../nbs/07b_scoring.ipynb #a1c0e003
+def percentile_interval(draws, # values of a statistic over bootstrap resamples
+                        level:float=0.95, # coverage
+                        estimate:float|None=None, # the full-sample value: the interval is moved by its offset from the draws' median
+                       )->tuple: # (lo, hi); (nan, nan) without finite draws
+    "The bootstrap percentile interval of `draws`, re-centred on `estimate` when given (bias correction)"
+    d = np.asarray(draws, np.float64)
+    d = d[np.isfinite(d)]
+    if not len(d): return float('nan'), float('nan')
+    a = (1 - level) / 2 * 100
+    shift = 0. if estimate is None or not np.isfinite(estimate) else float(estimate) - float(np.median(d))
+    return float(np.percentile(d, a)) + shift, float(np.percentile(d, 100 - a)) + shift
+
+def real_halves(n:int, # number of real slices
+                groups=None, # patient/series id per slice: whole groups go to one half
+                seed:int=0, # shuffles the groups (or slices)
+               )->tuple: # (index array A, index array B, note)
+    "Two halves of `n` real slices, patient-disjoint when `groups` has at least two ids, for the real-vs-real floor"
+    rng = np.random.default_rng(seed)
+    ids = None if groups is None else np.asarray([str(g) for g in groups])
+    if ids is None or len(set(ids)) < 2:
+        p = rng.permutation(n)
+        return np.sort(p[:n // 2]), np.sort(p[n // 2:]), 'random halves (no patient/series ids: neighbouring slices make the floor optimistic)'
+    names, counts = np.unique(ids, return_counts=True)
+    a, size_a = set(), 0
+    for j in rng.permutation(len(names)):  # fill A with whole groups until it holds about half the slices
+        if size_a < n / 2 and (size_a + counts[j] <= n / 2 or not a): a.add(names[j]); size_a += counts[j]
+    in_a = np.isin(ids, list(a))
+    return np.flatnonzero(in_a), np.flatnonzero(~in_a), f'patient/series-disjoint halves ({len(a)} and {len(names) - len(a)} groups)'
+
+# %% ../nbs/07b_scoring.ipynb #a1c0e005
+def _pr_inside(real, fake, k:int, features)->tuple:
+    "Whether each generated image lies in the real manifold, and each real image in the generated one (Kynkaanniemi et al.)"
+    fr, ff = image_features(real, features), image_features(fake, features)
+    def radii(x): return torch.cdist(x, x).fill_diagonal_(float('inf')).topk(k, dim=1, largest=False).values[:, -1]
+    def inside(ref, q): return (torch.cdist(q, ref) <= radii(ref)[None]).any(1).numpy()
+    return inside(fr, ff), inside(ff, fr)
+
+def _msssim_pairs(images, n_pairs:int, seed:int, batch_size:int=250)->torch.Tensor:
+    "MS-SSIM of each of the random pairs `msssim_diversity` draws (their mean is its value), so the bootstrap can resample pairs"
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
+    x = image_batch(images)
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(0, len(x), (n_pairs,), generator=g)
+    j = (i + torch.randint(1, len(x), (n_pairs,), generator=g)) % len(x)  # never pairs an image with itself
+    setting = msssim_setting(min(x.shape[-2:]))
+    return torch.cat([ms_ssim(x[i[s:s + batch_size]], x[j[s:s + batch_size]], data_range=2., reduction='none', **setting)
+                      for s in range(0, n_pairs, batch_size)])
+
+def _memo_stats(sim, ref_sim, quantile:float)->dict:
+    "The audit's numbers from each sample's and each held-out slice's best similarity"
+    sim, ref_sim = torch.as_tensor(sim).double(), torch.as_tensor(ref_sim).double()
+    thr = torch.quantile(ref_sim, quantile).item()
+    t = data_copying_test((1 - sim).numpy(), (1 - ref_sim).numpy())
+    return dict(copy_rate=(sim > thr).double().mean().item(), copy_threshold=thr, median_similarity=sim.median().item(),
+                median_reference_similarity=ref_sim.median().item(), data_copying_z=t['z'], data_copying_p=t['p'])
+
+# %% ../nbs/07b_scoring.ipynb #a1c0e006
+def _values(fake, real, metrics, train, groups, seed, n_pairs, features, k, memo_reference, memo_quantile, net=None, feats=None)->tuple:
+    "(metric values, the per-image parts the bootstrap resamples) of `fake` against `real`"
+    res, parts = {}, {}
+    if 'swd' in metrics: res.update(swd(real, fake, seed=seed))
+    if 'msssim' in metrics:
+        parts['msssim'] = (_msssim_pairs(fake, n_pairs, seed), _msssim_pairs(real, n_pairs, seed))
+        res['msssim'], res['msssim_real'] = (p.mean().item() for p in parts['msssim'])
+    if 'pr' in metrics:
+        parts['pr'] = _pr_inside(real, fake, k, features)
+        res.update(precision=float(parts['pr'][0].mean()), recall=float(parts['pr'][1].mean()))
+    if 'memo' in metrics:
+        audit = memorisation_audit(fake, real if train is None else train, reference=memo_reference, groups=groups,
+                                   quantile=memo_quantile, seed=seed)
+        parts['memo'] = audit
+        res.update(_memo_stats(audit.similarity, audit.reference_similarity, memo_quantile))
+    inc = [m for m in metrics if m in ('fid', 'kid', 'is')]
+    if inc:
+        if feats is None:
+            device = next(net.parameters(), torch.zeros(0)).device
+            feats = (_network_features(net, fake, 50, device), _network_features(net, real, 50, device))
+        parts['inception'] = feats
+        res.update(inception_values(*feats, inc, seed=seed))
+    return res, parts
+
+# %% ../nbs/07b_scoring.ipynb #a1c0e007
+_RECOMPUTED = ('swd', 'fid', 'kid', 'kid_std', 'is', 'is_std')  # and `swd_{size}`: metrics recomputed on resampled images
+
+def _bootstrap_draws(fake, real, metrics, parts:dict, n_boot:int, seed:int, memo_quantile:float)->dict:
+    "Bootstrap values, `{key: [value per resample]}`, of every metric `_values` computed (see above)"
+    rng, draws = np.random.default_rng(seed + 1), {}
+    def add(d):
+        for k_, v in d.items(): draws.setdefault(k_, []).append(v)
+    def resample(n): return rng.integers(0, n, n)
+    for _ in range(n_boot):
+        if 'pr' in parts:
+            fin, rin = parts['pr']
+            add(dict(precision=fin[resample(len(fin))].mean(), recall=rin[resample(len(rin))].mean()))
+        if 'msssim' in parts:
+            pf, pr = parts['msssim']
+            add(dict(msssim=pf[resample(len(pf))].mean().item(), msssim_real=pr[resample(len(pr))].mean().item()))
+        if 'memo' in parts:
+            a = parts['memo']
+            add(_memo_stats(a.similarity[resample(len(a.similarity))], a.reference_similarity[resample(len(a.reference_similarity))], memo_quantile))
+    inc = [m for m in metrics if m in ('fid', 'kid', 'is')]
+    for b in range(max(10, n_boot // 20) if n_boot and ({'swd'} | set(inc)) & set(metrics) else 0):
+        i, j = torch.from_numpy(resample(len(fake))), torch.from_numpy(resample(len(real)))
+        if 'swd' in metrics: add(swd(real[j], fake[i], seed=seed))
+        if inc:
+            ff, fr = parts['inception']
+            add(inception_values(tuple(f[i] for f in ff), tuple(f[j] for f in fr), inc, seed=seed + b))
+    return draws
 
 # %% ../nbs/07b_scoring.ipynb #6ea56170
 def evaluate(fake, # generated images (n, c, h, w) in [-1, 1]
@@ -161,27 +284,37 @@ def evaluate(fake, # generated images (n, c, h, w) in [-1, 1]
              inception_feature:nn.Module|None=None, # replaces Inception for FID/KID/IS
              picture_dir=None, # folder for the memorisation pictures (`memorisation_pairs.png`, `memorisation_distances.png`)
              overwrite:bool=False, # replace existing pictures
+             n_boot:int=0, # bootstrap resamples for 95% intervals `KEY_lo`, `KEY_hi` (recomputed metrics: n_boot // 20, at least 10); 0: none
+             floor:bool=False, # add `KEY_floor`: the metric of one half of `real` against the other
+             real_groups=None, # patient/series id per real slice, for patient-disjoint halves (default: `memo_groups` when `train` is None)
             )->dict: # metric name -> float (see the table)
-    "Run `metrics` on `fake` against `real` and return JSON-able numbers"
+    "Run `metrics` on `fake` against `real` and return JSON-able numbers, with bootstrap intervals and the real-vs-real floor when asked"
     fake, real = image_batch(fake, 'fake'), image_batch(real, 'real')
     metric_keys(metrics, min(real.shape[-2:]))  # rejects unknown names before any work
-    res = {}
-    if 'swd' in metrics: res.update(swd(real, fake, seed=seed))
-    if 'msssim' in metrics:
-        res['msssim'] = msssim_diversity(fake, n_pairs, seed)
-        res['msssim_real'] = msssim_diversity(real, n_pairs, seed)
-    if 'pr' in metrics: res.update(precision_recall(real, fake, k, features))
-    if 'memo' in metrics:
-        audit = memorisation_audit(fake, real if train is None else train, reference=memo_reference, groups=memo_groups,
-                                   quantile=memo_quantile, seed=seed)
-        s = audit.summary()
-        res.update({k_: s[k_] for k_ in metric_keys(['memo'], min(real.shape[-2:]))})
-        if picture_dir is not None:
-            for fig in (audit.show_pairs(fname=Path(picture_dir)/'memorisation_pairs.png', overwrite=overwrite),
-                        audit.show_distances(Path(picture_dir)/'memorisation_distances.png', overwrite)): plt.close(fig)
-    inc = [m for m in metrics if m in ('fid', 'kid', 'is')]
-    if inc: res.update(inception_metrics(fake, real, inc, inception_weights, inception_feature, seed=seed))
-    return {k_: float(v) for k_, v in res.items()}
+    net = None
+    if any(m in ('fid', 'kid', 'is') for m in metrics):
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        net = (inception_feature if inception_feature is not None else inception_network(inception_weights)).to(device).eval()
+    args = dict(seed=seed, n_pairs=n_pairs, features=features, k=k, memo_quantile=memo_quantile)
+    res, parts = _values(fake, real, metrics, train, memo_groups, memo_reference=memo_reference, net=net, **args)
+    if 'memo' in parts and picture_dir is not None:
+        audit = parts['memo']
+        for fig in (audit.show_pairs(fname=Path(picture_dir)/'memorisation_pairs.png', overwrite=overwrite),
+                    audit.show_distances(Path(picture_dir)/'memorisation_distances.png', overwrite)): plt.close(fig)
+    out = {k_: float(v) for k_, v in res.items()}
+    if n_boot:
+        for k_, v in _bootstrap_draws(fake, real, metrics, parts, n_boot, seed, memo_quantile).items():
+            # averages over images or pairs are unbiased under resampling; recomputed metrics are re-centred (see above)
+            if k_ in out: out[f'{k_}_lo'], out[f'{k_}_hi'] = percentile_interval(v, estimate=out[k_] if k_ in _RECOMPUTED or k_.startswith('swd_') else None)
+    if floor:
+        groups = real_groups if real_groups is not None else (memo_groups if train is None else None)
+        a, b, _ = real_halves(len(real), groups, seed)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        feats = None if 'inception' not in parts else (tuple(f[ta] for f in parts['inception'][1]), tuple(f[tb] for f in parts['inception'][1]))
+        gb = None if groups is None else [groups[i] for i in b]
+        fl, _ = _values(real[ta], real[tb], metrics, None, gb, memo_reference=None, net=net, feats=feats, **args)
+        out.update({f'{k_}_floor': float(v) for k_, v in fl.items() if k_ in out})
+    return out
 
 # %% ../nbs/07b_scoring.ipynb #83bfaec2
 @contextlib.contextmanager

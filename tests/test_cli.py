@@ -103,3 +103,79 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(mr_dir, env, tmp_path):
     assert len(saved) == 1
     r = _run([MEDGAN, 'train', '--out', str(out), '--resume', '--epochs', str(int(saved[0].name[6:9]) + 1)], env)
     assert 'resuming' in r.stdout and (out/'generator.pth').exists()
+
+# --- evaluate: utility, intervals and the floor; generate --units hu
+
+def _conditional_run(folder, window='auto', label='Modality'):
+    "A run folder holding an (untrained) conditional DCGAN over classes CT and MR, and the recipe's label rule"
+    import json
+    from medgan_fastai.models import build_generator
+    from medgan_fastai.persist import save_generator
+    torch.manual_seed(0)
+    g = build_generator(dict(arch='dcgan', size=64, z_dim=16, ngf=8, n_channels=1, n_classes=2))
+    folder.mkdir(parents=True)
+    save_generator(g, folder/'generator.pth', window=window, size=64, skip_blank=False, vocab=['CT', 'MR'], arch='dcgan')
+    (folder/'config.json').write_text(json.dumps(dict(label=label, label_map=None, window=window, size=64)))
+    return folder
+
+def _linked(folder, files):
+    "`folder` of symbolic links to the real files (the data stay where they are, read-only)"
+    folder.mkdir(parents=True)
+    for f in files: (folder/f'{f.parent.name}_{f.name}').symlink_to(f)
+    return folder
+
+def test_evaluate_utility_with_holdout_intervals_and_ranking(mr_dir, ct_dir, env, tmp_path):
+    import json
+    ct = sorted(ct_dir.glob('*.dcm'))
+    src = _linked(tmp_path/'src', sorted((mr_dir/'HFS').glob('*.dcm'))[8:24] + ct[:20])
+    hold = _linked(tmp_path/'hold', sorted((mr_dir/'HFP').glob('*.dcm'))[8:24] + ct[20:])
+    run = _conditional_run(tmp_path/'run')
+    r = _run([MEDGAN, 'evaluate', str(run), str(src), '--metrics', 'utility', '-n', '16', '--n-boot', '20', '--holdout', str(hold)], env)
+    out = json.loads((run/'metrics.json').read_text())
+    m = out['metrics']
+    for s in ('real', 'synthetic', 'mixed'):
+        for k in ('accuracy', 'balanced_accuracy', 'auc'):
+            key = f'utility_{s}_{k}'
+            assert 0 <= m[key] <= 1 and out['intervals'][key][0] <= m[key] <= out['intervals'][key][1], key
+    assert m['utility_n_holdout'] == 24 and out['notes']['utility_split'] == 'explicit holdout set' and 'tstr_trtr' in m
+    assert m['utility_real_balanced_accuracy'] >= 0.9  # MR vs CT is learnt from real slices and holds on unseen series
+    assert 'utility_real_balanced_accuracy' in r.stdout and 'tstr_trtr' in r.stdout
+    # an unconditional model: one line, exit status 1
+    r = _run([MEDGAN, 'evaluate', 'demo', str(src), '--metrics', 'utility', '-n', '8'], env, check=False)
+    assert r.returncode == 1 and 'unconditional' in r.stderr and 'Traceback' not in r.stderr
+
+def test_ranking_marks_overlapping_intervals():
+    from medgan_fastai.cli import _ranking
+    rows = [dict(model='a', swd=10.), dict(model='b', swd=12.), dict(model='c', swd=30.)]
+    iv = dict(a=dict(swd=[8, 13]), b=dict(swd=[11, 14]), c=dict(swd=[25, 35]))
+    df, first = _ranking(rows, iv)
+    assert first == 'swd' and list(df.model) == ['a', 'b', 'c']
+    assert list(df['distinguishable']) == ['best', 'no: overlaps the best', 'yes'] and df['swd 95%'].iloc[0] == '8..13'
+
+def test_evaluate_reports_intervals_and_floor(env, tmp_path):
+    import json
+    run = tmp_path/'demo'
+    run.mkdir()
+    from medgan_fastai.persist import load_generator, save_generator
+    save_generator(load_generator('demo-dcgan', device='cpu'), run/'generator.pth', window='auto', size=64, skip_blank=True)
+    r = _run([MEDGAN, 'evaluate', str(run), 'demo', '--metrics', 'swd,pr', '-n', '32', '--n-boot', '20'], env)
+    out = json.loads((run/'metrics.json').read_text())
+    assert set(out['metrics']) == {'swd_64', 'swd_32', 'swd_16', 'swd', 'precision', 'recall'}  # the card's keys, as before
+    for k, v in out['metrics'].items(): assert out['intervals'][k][0] <= v <= out['intervals'][k][1] and k in out['floors']
+    assert 'real-vs-real floor' in r.stdout
+
+def test_generate_units_hu(env, tmp_path):
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+    run = _conditional_run(tmp_path/'ct', window='brain')
+    out = tmp_path/'hu'
+    r = _run([MEDGAN, 'generate', str(run), '-n', '2', '--format', 'dicom', '--units', 'hu', '--out', str(out), '--no-privacy-filter'], env)
+    assert 'HU over the training window 40,80' in r.stdout
+    ds = [pydicom.dcmread(f) for f in sorted(out.glob('*.dcm'))]
+    assert len(ds) == 2 and ds[0].Modality == 'CT' and ds[0].RescaleType == 'HU' and float(ds[0].WindowWidth) == 80
+    hu = np.stack([apply_modality_lut(d.pixel_array, d) for d in ds])
+    assert 0 <= hu.min() and hu.max() <= 79 and hu.std() > 0  # [0, 1] -> 0..79 HU (brain window 40, 80)
+    # a model without a fixed window has no HU scale: refused in one line
+    r = _run([MEDGAN, 'generate', 'demo', '-n', '1', '--format', 'dicom', '--units', 'hu', '--out', str(tmp_path/'no'),
+              '--no-privacy-filter'], env, check=False)
+    assert r.returncode == 1 and '--units hu needs a model trained on CT' in r.stderr and not (tmp_path/'no').exists()

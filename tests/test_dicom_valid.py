@@ -30,6 +30,9 @@ WRITERS = {  # the files `medgan generate --format dicom`, the app's download an
     'ot_unit_series': lambda d: write_dicom_series(list(rng.random((3, 40, 48))), d, modality='OT', units='unit', synthetic=True,
                                                    series_description='medgan_fastai synthetic (dcgan)'),
     'ct_hu_series': lambda d: write_dicom_series(np.round(rng.uniform(-1024, 2000, (3, 16, 16))), d, modality='CT', units='modality'),
+    # `medgan generate --format dicom --units hu`: a CT-window model's [0, 1] output stored as HU over its window
+    'ct_window_hu_series': lambda d: write_dicom_series(rng.random((3, 16, 16)), d, modality='CT', units='hu', window=(40, 80),
+                                                        synthetic=True, series_description='medgan_fastai synthetic (style)'),
     'mr_sagittal_series': lambda d: write_dicom_series(rng.random((2, 24, 24)), d, modality='MR', orientation=(0, 1, 0, 0, 0, -1)),
     'derived_mr_series': lambda d: write_dicom_series(rng.uniform(0, 7.3, (2, 8, 8)), d, modality='MR', units='modality',
                                                       synthetic=False, series_description='a resampled template'),
@@ -59,7 +62,7 @@ def test_demo_series_written_by_an_older_version_is_written_again(tmp_path):
     assert demo_series(folder, step=60) == folder
     assert len(list(folder.glob('*.dcm'))) == 4 and pydicom.dcmread(folder/'IM0001.dcm').BodyPartExamined == 'BRAIN'
 
-@pytest.mark.parametrize('kind', ['ot_unit_series', 'ct_hu_series'])
+@pytest.mark.parametrize('kind', ['ot_unit_series', 'ct_hu_series', 'ct_window_hu_series'])
 def test_dcm2niix_reads_a_synthetic_series(kind, tmp_path):
     import nibabel as nib
     exe = tool('dcm2niix')
@@ -73,6 +76,8 @@ def test_dcm2niix_reads_a_synthetic_series(kind, tmp_path):
     img = nib.load(niis[0])
     ds = pydicom.dcmread(paths[0])
     assert img.shape[:3] == (ds.Columns, ds.Rows, len(paths)), out
-    if kind == 'ct_hu_series':  # HU survive, whatever way the volume is flipped
-        hu = np.stack([pydicom.dcmread(p).pixel_array for p in paths]).astype(float)
-        np.testing.assert_allclose(np.sort(img.get_fdata().ravel()), np.sort(hu.ravel()))
+    if kind in ('ct_hu_series', 'ct_window_hu_series'):  # HU survive, whatever way the volume is flipped
+        from pydicom.pixels import apply_modality_lut
+        hu = np.stack([apply_modality_lut(d.pixel_array, d) for d in map(pydicom.dcmread, paths)]).astype(float)
+        np.testing.assert_allclose(np.sort(img.get_fdata().ravel()), np.sort(hu.ravel()), rtol=1e-5, atol=1e-3)
+        if kind == 'ct_window_hu_series': assert ds.Modality == 'CT' and ds.RescaleType == 'HU' and 0 <= hu.min() and hu.max() <= 79

@@ -10,7 +10,7 @@ from medgan_fastai.slices import read_slice
 from medgan_fastai.series import scan
 import medgan_fastai.scoring as M
 from medgan_fastai.metrics import (swd, msssim_diversity, msssim_setting, precision_recall, image_features, memorisation_audit,
-                                   image_batch, copy_similarity)
+                                   image_batch, copy_similarity, blobs)
 from medgan_fastai.scoring import (inception_metrics, inception_weights_file, InceptionWeightsError, INCEPTION_URL, evaluate,
                                    metric_keys, MetricsCallback)
 
@@ -414,3 +414,42 @@ def test_metrics_callback_leaves_training_bit_identical(mr_dir, tmp_path, arch):
                        ('ema', plain.gan_state.ema, scored.gan_state.ema)]:
         ta, tb = tensors(a), tensors(b)
         assert list(ta) == list(tb) and all(torch.equal(ta[k], tb[k]) for k in ta), name
+
+# --- intervals and the real-vs-real floor
+
+def test_bootstrap_intervals_cover_the_value_and_floor_below_a_bad_model(mr_positions):
+    "Real MR slices (groups: head positions) against a bad model (smooth blobs): every interval holds its value, the floor beats the model"
+    real = torch.cat([mr_positions[p] for p in ('HFS', 'HFDL', 'HFDR', 'HFP')])
+    groups = [p for p in ('HFS', 'HFDL', 'HFDR', 'HFP') for _ in range(35)]
+    bad = blobs(140, 64, seed=3)
+    r = evaluate(bad, real, ('swd', 'msssim', 'pr', 'memo'), n_pairs=200, n_boot=100, floor=True, memo_groups=groups)
+    point = [k for k in r if not k.endswith(('_lo', '_hi', '_floor'))]
+    assert point == metric_keys(('swd', 'msssim', 'pr', 'memo'), 64)
+    for k in point:
+        assert r[f'{k}_lo'] <= r[k] <= r[f'{k}_hi'], (k, r[f'{k}_lo'], r[k], r[f'{k}_hi'])
+        assert f'{k}_floor' in r
+    assert r['swd_hi'] > r['swd_lo'] and r['precision_hi'] >= r['precision_lo']
+    assert r['swd_floor'] < r['swd_lo']  # two halves of real patients are closer than the model's whole interval
+    assert r['precision_floor'] > r['precision_hi'] and r['recall_floor'] > r['recall_hi']
+    assert json.loads(json.dumps(r)) == r
+
+def test_real_halves_are_patient_disjoint():
+    from medgan_fastai.scoring import real_halves, percentile_interval
+    groups = [p for p in ('HFS', 'HFDL', 'HFDR', 'HFP') for _ in range(35)]
+    a, b, note = real_halves(140, groups, seed=1)
+    assert len(a) == len(b) == 70 and not {groups[i] for i in a} & {groups[i] for i in b} and 'disjoint' in note
+    a, b, note = real_halves(10)
+    assert sorted(np.concatenate([a, b]).tolist()) == list(range(10)) and 'random' in note
+    lo, hi = percentile_interval(np.arange(1000.) + 10, estimate=0)  # re-centred on the estimate
+    assert lo < 0 < hi and percentile_interval([np.nan]) != percentile_interval([1.])
+
+def test_inception_metrics_intervals_and_floor_from_features_computed_once(mr_positions):
+    "FID/KID are resampled from features computed once (a stand-in network here): intervals hold the values, floor below a bad model"
+    real = torch.cat([mr_positions[p] for p in ('HFS', 'HFDL', 'HFDR', 'HFP')])
+    groups = [p for p in ('HFS', 'HFDL', 'HFDR', 'HFP') for _ in range(35)]
+    calls = []
+    class Counting(StandInFeatures):
+        def forward(self, x): calls.append(len(x)); return super().forward(x)
+    r = evaluate(blobs(140, 64, seed=4), real, ('fid', 'kid'), inception_feature=Counting(), n_boot=200, floor=True, memo_groups=groups)
+    assert sum(calls) == 280  # one pass over the generated and the real images: the bootstrap and the floor reuse the features
+    for k in ('fid', 'kid'): assert r[f'{k}_lo'] <= r[k] <= r[f'{k}_hi'] and r[f'{k}_floor'] < r[f'{k}_lo'], k
