@@ -1,90 +1,148 @@
-"""Sample quality for the same wall-clock budget on real MR (../shared/data/mr-t1-sag, 64 px):
+"""Sample quality for the same wall-clock budget, on several real data sets, three recipes ([quality], issue 15):
 
-  (a) the seed's recipe: DCGAN, BCE, no augmentation, no EMA, batch 128 capped to the data;
-  (b) our default recipe: `gan_learner(arch='style')` (StyleGAN-style nets, non-saturating loss, lazy R1, EMA)
-      with ADA (`augment='ada'`), batch 32.
+  tutorial: the DCGAN-tutorial recipe (BCE, BatchNorm critic, batch 128 capped to the data, no augmentation, no EMA);
+  dcgan:    `medgan train --arch dcgan` defaults (hinge, spectral norm, ADA, EMA; the rest chosen by `run.auto_config`);
+  style:    `medgan train --arch style` defaults (StyleGAN-style nets, non-saturating loss, R1, ADA, EMA; auto-config).
 
-Each trains in its own process for `--minutes`; then 1,000 samples of each are scored with the sliced Wasserstein
-distance (`metrics.swd`, Laplacian pyramid, x1e3) against the real slices. Prints both figures, the ratio b/a
-(target <= 0.5), seconds per 1,000 generated images for each generator, and writes the two sample grids side by side
-to `--out` (default `_build/quality/`).
+Sets (64 px): `mr` the shared sagittal MR (../shared/data/mr-t1-sag), `ct` the shared head CT in the brain window,
+`mni` the MNI152 demo series (axial), `png` a PNG folder that `medgan convert` makes from the MR. (A NIfTI source
+joins once the volumes module lands.)
 
-usage: python benchmarks/quality.py [--minutes 10] [--out DIR]
+Each run trains in its own process through `run.train_run(..., minutes=M)` (the budget covers training, not data
+loading), one after the other, never two at once. Then `--n` samples of each exported generator are scored against the
+set's training slices:
+  SWD      sliced Wasserstein distance (`metrics.swd`, x1e3), and the real-vs-real floor (two random halves of the set);
+  pairSSIM mean SSIM between pairs of 64 samples (`callbacks.pair_ssim`), next to the same among 64 real slices:
+           samples more alike than real slices mean collapse;
+  copies   `metrics.memorisation_audit` copy rate of 256 samples;
+  steps, kimg  critic updates and thousands of real images shown in the budget (`training.json`).
+Prints one table, writes `quality.json` and, per set, the three sample grids side by side (`grids_SET.png`) to `--out`.
+
+usage: python benchmarks/quality.py [--minutes 5 | --long] [--sets mr,ct,mni,png] [--recipes tutorial,dcgan,style]
+smoke test: python benchmarks/quality.py --minutes 0.3 --sets mr,ct --n 200
 """
-import argparse, json, subprocess, sys, time
+import argparse, json, os, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent/'shared'/'data'
+RECIPES = dict(tutorial=dict(arch='dcgan', loss='bce', augment='none', ema=False, bs=128),
+               dcgan=dict(arch='dcgan'), style=dict(arch='style'))
+SIZE = 64
+
+def set_source(name, out:Path)->dict:
+    "The `train_run` options that name set `name` (making the PNG folder when needed)"
+    if name == 'mr': return dict(source=str(SHARED/'mr-t1-sag'))
+    if name == 'ct': return dict(source=str(SHARED/'ct-head'), window='brain')
+    if name == 'mni': return dict(source=None)  # the demo series every install has
+    if name == 'png':
+        dst = out/'png_from_mr'
+        if not (dst/'report.csv').exists():
+            medgan = str(Path(sys.executable).parent/'medgan')
+            r = subprocess.run([medgan, 'convert', str(SHARED/'mr-t1-sag'), str(dst)], capture_output=True, text=True)
+            if r.returncode: sys.exit(f'medgan convert failed:\n{r.stderr[-2000:]}')
+        return dict(source=str(dst))
+    raise SystemExit(f'unknown set {name!r}: use mr, ct, mni or png')
 
 def child(args):
     import torch
-    from fastai.callback.core import Callback, CancelFitException
+    torch.set_num_threads(args.threads)
+    from medgan_fastai.run import train_run
+    out = Path(args.out)/args.set/args.child
+    opts = {**set_source(args.set, Path(args.out)), **RECIPES[args.child]}
+    source = opts.pop('source')
+    learn = train_run(source, out=out, force=True, minutes=args.minutes, size=SIZE, seed=0, samples=16, **opts)
+    tr = json.loads((out/'training.json').read_text())
+    print(json.dumps(dict(steps=tr['critic_steps'], kimg=tr['kimg'], epochs=tr['epochs'], bs=learn.recipe.bs,
+                          slices=tr['train_slices'])))
+
+def real_slices(set_name, out:Path):
+    "The set's training slices as the runs saw them (same window, size, blank slices left out), in [-1, 1]"
     from medgan_fastai.data import gan_dls
-    from medgan_fastai.learner import gan_learner, export_generator
-    torch.set_num_threads(2)
-    class TimeBudget(Callback):
-        "Stop training once the wall-clock budget is spent (checked after every batch)"
-        order = 99
-        def __init__(self, seconds): self.seconds = seconds
-        def before_fit(self): self.t0 = time.perf_counter()
-        def after_batch(self):
-            if time.perf_counter() - self.t0 > self.seconds: raise CancelFitException()
-    seed_recipe = args.child == 'seed'
-    n = len(list(Path(args.data).rglob('*.dcm')))
-    bs = min(128, n) if seed_recipe else 32
-    dls = gan_dls(args.data, size=64, bs=bs, cache_dir=args.cache, progress=False, verbose=False)
-    if seed_recipe: learn = gan_learner(dls, arch='dcgan', loss='bce', augment=None, ema=False, seed=0)
-    else: learn = gan_learner(dls, arch='style', augment='ada', seed=0)
-    budget = TimeBudget(args.minutes * 60)
-    with learn.no_bar(), learn.no_logging(): learn.fit(100000, cbs=budget)
-    out = Path(args.out)/f'{args.child}.pth'
-    export_generator(learn, out)
-    print(json.dumps(dict(steps=learn.gan_state.crit_steps, epochs=learn.epoch + 1, images=learn.gan_state.crit_steps * dls.train.bs)))
+    from medgan_fastai.dicom import parse_window
+    o = set_source(set_name, out)
+    dls = gan_dls(o['source'], size=SIZE, bs=8, window=parse_window(o.get('window', 'auto')), progress=False, verbose=False)
+    return dls.cache.gather(list(dls.train_ds.items)) * 2 - 1
+
+def score(set_name, recipes, args, info):
+    import torch
+    from medgan_fastai.persist import load_generator
+    from medgan_fastai.latent import generate
+    from medgan_fastai.metrics import swd, memorisation_audit
+    from medgan_fastai.callbacks import pair_ssim, diversity_pairs
+    out = Path(args.out)
+    real = real_slices(set_name, out)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(real), generator=g)
+    floor = swd(real[perm[:len(real) // 2]], real[perm[len(real) // 2:]], seed=0)['swd']
+    pairs = diversity_pairs(64, 1000, 0)
+    real_ssim = pair_ssim(real[perm[:64]], diversity_pairs(min(64, len(real)), 1000, 0))
+    rows, fakes = [], {}
+    for name in recipes:
+        G = load_generator(out/set_name/name/'generator.pth', device='cpu')
+        fake = generate(G, list(range(args.n)))
+        fakes[name] = fake
+        rows.append(dict(set=set_name, recipe=name, swd=swd(real, fake, seed=0)['swd'], floor=floor,
+                         pair_ssim=pair_ssim(fake[:64], pairs), real_pair_ssim=real_ssim,
+                         copy_rate=memorisation_audit(fake[:256], real).copy_rate, **info[name]))
+    return rows, fakes
+
+def grids(set_name, fakes, out:Path):
+    from PIL import Image
+    from medgan_fastai.models import image_grid
+    gs = [image_grid(f[:64], nrow=8) for f in fakes.values()]
+    w, h = gs[0].size
+    both = Image.new('L', (len(gs) * (w + 16) - 16, h))
+    for i, im in enumerate(gs): both.paste(im, (i * (w + 16), 0))
+    both.save(out/f'grids_{set_name}.png')
+
+def table(rows)->str:
+    ref = {r['set']: r['swd'] for r in rows if r['recipe'] == 'tutorial'}
+    head = f"{'set':5} {'recipe':9} {'SWD':>7} {'floor':>6} {'/tutorial':>9} {'pairSSIM':>8} {'real':>6} {'copies':>6} {'steps':>6} {'kimg':>7}"
+    lines = [head, '-' * len(head)]
+    for r in rows:
+        rel = f"{r['swd'] / ref[r['set']]:.2f}" if r['set'] in ref else '-'
+        lines.append(f"{r['set']:5} {r['recipe']:9} {r['swd']:7.1f} {r['floor']:6.1f} {rel:>9} {r['pair_ssim']:8.3f} "
+                     f"{r['real_pair_ssim']:6.3f} {r['copy_rate']:6.3f} {r['steps']:6d} {r['kimg']:7.2f}")
+    return '\n'.join(lines)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--data', default=str(ROOT.parent/'shared'/'data'/'mr-t1-sag'))
-    ap.add_argument('--minutes', type=float, default=10.)
-    ap.add_argument('--n', type=int, default=1000)
+    ap.add_argument('--minutes', type=float, default=5., help='training budget of each run (default 5)')
+    ap.add_argument('--long', action='store_true', help='20-minute runs')
+    ap.add_argument('--sets', default='mr,ct,mni,png')
+    ap.add_argument('--recipes', default='tutorial,dcgan,style')
+    ap.add_argument('--n', type=int, default=1000, help='samples scored per generator')
+    ap.add_argument('--threads', type=int, default=2, help='torch threads of each training process')
     ap.add_argument('--out', default=str(ROOT/'_build'/'quality'))
-    ap.add_argument('--cache', default=str(ROOT/'_build'/'bench_cache'))
-    ap.add_argument('--child', choices=['seed', 'ours'])
+    ap.add_argument('--child'); ap.add_argument('--set')
     args = ap.parse_args()
+    if args.long: args.minutes = 20.
     if args.child: return child(args)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    info = {}
-    for name in ('seed', 'ours'):
-        r = subprocess.run([sys.executable, __file__, '--child', name, '--data', args.data, '--minutes', str(args.minutes),
-                            '--out', args.out, '--cache', args.cache], capture_output=True, text=True)
-        if r.returncode: sys.exit(f'{name} run failed:\n{r.stderr[-3000:]}')
-        info[name] = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f'{name}: trained {args.minutes:g} min: {info[name]["steps"]} critic steps, {info[name]["images"]} real images seen', flush=True)
+    out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault('MEDGAN_CACHE', str(ROOT/'_build'/'bench_cache'))
     import torch
-    from PIL import Image
-    from medgan_fastai.data import gan_dls
-    from medgan_fastai.persist import load_generator
-    from medgan_fastai.latent import generate
-    from medgan_fastai.models import image_grid
-    from medgan_fastai.metrics import swd
-    torch.set_num_threads(2)
-    dls = gan_dls(args.data, size=64, bs=16, cache_dir=args.cache, progress=False, verbose=False)
-    real = dls.cache.gather(list(dls.train_ds.items)) * 2 - 1
-    res, grids = {}, []
-    for name in ('seed', 'ours'):
-        g = load_generator(Path(args.out)/f'{name}.pth', device='cpu')
-        generate(g, [0, 1])  # warm-up
-        t = time.perf_counter(); fake = generate(g, list(range(args.n))); dt = time.perf_counter() - t
-        res[name] = dict(swd=swd(real, fake, seed=0)['swd'], sec_per_1000=dt * 1000 / args.n)
-        grids.append(image_grid(fake[:64], nrow=8))
-        print(f'{name}: SWD {res[name]["swd"]:.1f} (x1e3, {args.n} samples vs {len(real)} real slices); '
-              f'{res[name]["sec_per_1000"]:.2f} s per 1,000 images', flush=True)
-    w, h = grids[0].size
-    both = Image.new('L', (2 * w + 16, h))
-    both.paste(grids[0], (0, 0)); both.paste(grids[1], (w + 16, 0))
-    both.save(Path(args.out)/'seed_vs_ours.png')
-    print(f'\nratio SWD ours/seed: {res["ours"]["swd"] / res["seed"]["swd"]:.3f}  (target <= 0.5)')
-    print(f'grids (left: seed recipe, right: ours): {Path(args.out)/"seed_vs_ours.png"}')
-    (Path(args.out)/'quality.json').write_text(json.dumps(dict(minutes=args.minutes, train=info, scores=res), indent=1))
+    torch.set_num_threads(args.threads)
+    sets, recipes = args.sets.split(','), args.recipes.split(',')
+    rows = []
+    for s in sets:
+        info = {}
+        for name in recipes:  # one training at a time: each gets the machine to itself for its budget
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, __file__, '--child', name, '--set', s, '--minutes', str(args.minutes),
+                                '--threads', str(args.threads), '--out', args.out], capture_output=True, text=True)
+            if r.returncode: sys.exit(f'{s}/{name} run failed:\n{r.stderr[-3000:]}')
+            info[name] = json.loads(r.stdout.strip().splitlines()[-1])
+            print(f'{s}/{name}: {args.minutes:g} min budget ({time.perf_counter() - t:.0f} s with loading and export): '
+                  f'{info[name]["steps"]} steps, {info[name]["kimg"]:.2f} kimg, bs {info[name]["bs"]}', flush=True)
+        set_rows, fakes = score(s, recipes, args, info)
+        rows += set_rows
+        grids(s, fakes, out)
+    print(f'\n{args.minutes:g} minutes per run, {SIZE} px, {args.threads} threads; SWD x1e3 of {args.n} samples against the '
+          f'training slices (floor: real half vs half); pairSSIM of 64 samples vs 64 real slices (real)\n')
+    print(table(rows))
+    print(f'\ngrids (left to right: {", ".join(recipes)}): {out}/grids_SET.png')
+    (out/'quality.json').write_text(json.dumps(dict(minutes=args.minutes, size=SIZE, threads=args.threads, rows=rows), indent=1))
 
 if __name__ == '__main__':
     main()

@@ -14,14 +14,15 @@ from torch import nn
 from PIL import Image
 from fastcore.basics import store_attr
 from fastcore.foundation import L
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import rank_distrib
 from .models import sample_images, image_grid
 from .persist import *
 
 # %% auto #0
 __all__ = ['GANState', 'gan_state', 'gen_mode', 'sampling_generator', 'skipped_epoch', 'SampleGrid', 'LossChart', 'smooth',
-           'GeneratorEMA', 'save_checkpoint', 'load_checkpoint', 'GANCheckpoint']
+           'GeneratorEMA', 'diversity_pairs', 'pair_ssim', 'real_slices_by_class', 'SampleDiversity', 'save_checkpoint',
+           'load_checkpoint', 'GANCheckpoint', 'TrainingBudget']
 
 # %% ../nbs/05_callbacks.ipynb #0951e0a7
 @dataclass
@@ -35,12 +36,17 @@ class GANState:
     crit_steps:int=0 # critic updates so far, counted across fits and resumes (learner; ADA's history)
     gen_steps:int=0 # generator updates so far (learner)
     pl_mean:float=0. # running mean of a style generator's path lengths (learner's path-length penalty)
+    n_img:int=0 # real images shown to the critic so far, all processes, across fits and resumes (learner; loss chart, `TrainingBudget`)
+    diversity:dict|None=None # the latest sample-diversity measurement (`SampleDiversity`; loss chart)
 
+    @property
+    def kimg(self)->float: return self.n_img / 1000  # training length in the unit of NVlabs' tools and papers
     def checkpoint_state(self)->dict:
         "The counters a checkpoint keeps (the EMA generator is saved as weights beside them)"
-        return dict(crit_steps=self.crit_steps, gen_steps=self.gen_steps, pl_mean=float(self.pl_mean))
+        return dict(crit_steps=self.crit_steps, gen_steps=self.gen_steps, pl_mean=float(self.pl_mean), n_img=self.n_img)
     def load_checkpoint_state(self, d:dict):
         self.crit_steps,self.gen_steps,self.pl_mean = int(d.get('crit_steps', 0)),int(d.get('gen_steps', 0)),float(d.get('pl_mean', 0.))
+        self.n_img = int(d.get('n_img', 0))
 
 # %% ../nbs/05_callbacks.ipynb #f5ae9379
 def gan_state(learn)->GANState:
@@ -140,8 +146,9 @@ class LossChart(Callback):
 
     def after_batch(self):
         if self._row is None: return
-        p = gan_state(self.learn).aug_p
-        if p is not None: self._row['aug_p'] = float(p)
+        st = gan_state(self.learn)
+        self._row['kimg'] = st.n_img / 1000
+        if st.aug_p is not None: self._row['aug_p'] = float(st.aug_p)
         self.rows.append(self._row)
         self._row = None
 
@@ -150,13 +157,24 @@ class LossChart(Callback):
 
     def after_epoch(self):
         if skipped_epoch(self.learn) or not self.rows or rank_distrib(): return
-        df = self.df
-        write_atomic(self.csv_path, lambda p: df.to_csv(p, index=False), overwrite=True)
+        d = gan_state(self.learn).diversity  # `SampleDiversity`'s figures of this epoch go on its last row
+        if d and d.get('epoch') == self.epoch + 1: self.rows[-1].update({k: d[k] for k in self._DIVERSITY if k in d})
+        self.write_csv()
         if time.monotonic() - self._drawn >= self.every: self.draw()
 
+    _DIVERSITY = ('pair_ssim', 'real_pair_ssim', 'collapse_warning')
+
+    def write_csv(self):
+        "Write `loss.csv` from the steps recorded so far"
+        df,self._written_rows = self.df,len(self.rows)
+        write_atomic(self.csv_path, lambda p: df.to_csv(p, index=False), overwrite=True)
+
     def after_fit(self):
+        if not self.rows or rank_distrib(): return
+        # a fit stopped inside an epoch (a training budget, Ctrl-C) keeps the steps it made
+        if len(self.rows) != getattr(self, '_written_rows', -1): self.write_csv()
         # the last epochs may not have been drawn yet (or training was cancelled): draw what was recorded
-        if self.rows and not rank_distrib() and getattr(self, '_drawn_rows', -1) != len(self.rows): self.draw()
+        if getattr(self, '_drawn_rows', -1) != len(self.rows): self.draw()
 
     def draw(self):
         "Write `loss.png` from the steps recorded so far (and show it in a notebook)"
@@ -171,19 +189,27 @@ class LossChart(Callback):
         "A figure of the losses (raw, faint; smoothed, bold) and the augmentation probability when recorded"
         import matplotlib.pyplot as plt
         df = self.df
+        x = 'kimg' if 'kimg' in df and df.kimg.notna().all() else 'step'  # the field's unit when every row has it
         has_p = 'aug_p' in df and df.aug_p.notna().any()
-        fig,axs = plt.subplots(1, 2 if has_p else 1, figsize=(11 if has_p else 7, 3.6), squeeze=False)
+        has_d = 'pair_ssim' in df and df.pair_ssim.notna().any()
+        n = 1 + has_p + has_d
+        fig,axs = plt.subplots(1, n, figsize=(7 + 4 * (n - 1), 3.6), squeeze=False)
         ax = axs[0, 0]
         for col,c in (('crit_loss', 'tab:red'), ('gen_loss', 'tab:blue')):
-            s = df[['step', col]].dropna()
+            s = df[[x, col]].dropna()
             if not len(s): continue
-            ax.plot(s.step, s[col], color=c, alpha=.25, lw=.8)
-            ax.plot(s.step, smooth(s[col].values, self.beta), color=c, lw=2, label=col.replace('_', ' '))
-        ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.legend(); ax.grid(alpha=.3)
+            ax.plot(s[x], s[col], color=c, alpha=.25, lw=.8)
+            ax.plot(s[x], smooth(s[col].values, self.beta), color=c, lw=2, label=col.replace('_', ' '))
+        ax.set_xlabel(x); ax.set_ylabel('loss'); ax.legend(); ax.grid(alpha=.3)
         if has_p:
-            s = df[['step', 'aug_p']].dropna()
-            axs[0, 1].plot(s.step, s.aug_p, color='tab:green'); axs[0, 1].set_ylim(0, 1)
-            axs[0, 1].set_xlabel('step'); axs[0, 1].set_ylabel('augmentation p'); axs[0, 1].grid(alpha=.3)
+            s = df[[x, 'aug_p']].dropna()
+            axs[0, 1].plot(s[x], s.aug_p, color='tab:green'); axs[0, 1].set_ylim(0, 1)
+            axs[0, 1].set_xlabel(x); axs[0, 1].set_ylabel('augmentation p'); axs[0, 1].grid(alpha=.3)
+        if has_d:  # collapse shows as samples more alike (higher pair SSIM) than the real slices
+            s,ax = df[[x, 'pair_ssim', 'real_pair_ssim']].dropna(), axs[0, n - 1]
+            ax.plot(s[x], s.pair_ssim, 'o-', color='tab:purple', label='samples')
+            ax.plot(s[x], s.real_pair_ssim, '--', color='gray', label='real slices')
+            ax.set_xlabel(x); ax.set_ylabel('mean pair SSIM (lower: more varied)'); ax.legend(); ax.grid(alpha=.3)
         fig.tight_layout()
         return fig
 
@@ -233,6 +259,117 @@ class GeneratorEMA(Callback):
 
     def checkpoint_state(self): return dict(n_img=self.n_img)
     def load_checkpoint_state(self, d): self.n_img = int(d['n_img'])
+
+# %% ../nbs/05_callbacks.ipynb #c0d1a002
+def diversity_pairs(n:int, # items to pair
+                    n_pairs:int=256, # at most this many pairs
+                    seed:int=0, # seed of the choice when there are more pairs than `n_pairs`
+                   )->torch.Tensor: # `(p, 2)` indices `i < j`
+    "Fixed pairs of distinct items among `n`: all of them when there are at most `n_pairs`, else a seeded choice"
+    ij = torch.triu_indices(n, n, 1).T
+    if len(ij) > n_pairs: ij = ij[torch.randperm(len(ij), generator=torch.Generator().manual_seed(seed))[:n_pairs]]
+    return ij
+
+# %% ../nbs/05_callbacks.ipynb #c0d1a003
+def pair_ssim(images:torch.Tensor, # `(n, c, h, w)` in [-1, 1]
+              pairs:torch.Tensor, # `(p, 2)` indices into `images`, from `diversity_pairs`
+              batch_size:int=256, # pairs per torchmetrics call
+             )->float:
+    "Mean SSIM over `pairs` of `images`: near 1 when the images are alike (collapse), lower when they vary"
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+    if images.dim() != 4: raise ValueError(f'images: expected (n, c, h, w), got {tuple(images.shape)}')
+    x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    k = 11 if min(x.shape[-2:]) >= 16 else 5  # the Gaussian window of Wang et al. 2004, smaller on tiny images
+    vals = [ssim(x[pairs[i:i + batch_size, 0]], x[pairs[i:i + batch_size, 1]], data_range=1., kernel_size=k, reduction='none')
+            for i in range(0, len(pairs), batch_size)]
+    return float(torch.cat([v.reshape(-1) for v in vals]).mean())
+
+# %% ../nbs/05_callbacks.ipynb #c0d1a005
+def real_slices_by_class(dls, # `gan_dls` loaders: batches (noise, real) or (noise, real, label)
+                         n:int=64, # at most this many slices per class, chosen with `seed`
+                         seed:int=0,
+                        )->dict: # {class index (0 when unconditional): images `(m, c, h, w)` in [-1, 1]}
+    "The training slices of each class, read in a fixed order without drawing from the training's random numbers"
+    ds,imgs,labels = dls.train_ds, None, None
+    cache = getattr(dls, 'cache', None)
+    if cache is not None and hasattr(cache, 'gather'):  # `gan_dls`: the decoded slices, no loader pass needed
+        idxs = list(ds.items)
+        imgs = cache.gather(idxs) * 2 - 1
+        if len(ds.tls) > 2: labels = torch.stack([torch.as_tensor(ds.tls[2][i]) for i in range(len(idxs))]).long()
+    else:  # any other loader: one pass, with every random state put back afterwards
+        state = rng_state()
+        try: bs = [b for b in dls.train]
+        finally: set_rng_state(state)
+        imgs = torch.cat([b[1].as_subclass(torch.Tensor).float().cpu() for b in bs])
+        if len(bs[0]) > 2: labels = torch.cat([b[2].as_subclass(torch.Tensor).long().cpu() for b in bs])
+    if labels is None: labels = torch.zeros(len(imgs), dtype=torch.long)
+    g,out = torch.Generator().manual_seed(seed), {}
+    for k in sorted(set(labels.tolist())):
+        sel = torch.nonzero(labels == k).flatten()
+        out[int(k)] = imgs[sel[torch.randperm(len(sel), generator=g)[:n]]]
+    return out
+
+# %% ../nbs/05_callbacks.ipynb #c0d1a006
+class SampleDiversity(Callback):
+    "Each epoch, the mean pair SSIM of fixed-noise samples (per class) against the real slices'; warn when samples grow alike"
+    order = 79  # after the epoch's EMA updates, before `LossChart` (81) writes the epoch's row
+    def __init__(self, n:int=32, # samples (and real slices) per class
+                 n_pairs:int=256, # pairs per class
+                 margin:float=0.05, # samples count as collapsing when their pair SSIM exceeds the real slices' by more ...
+                 patience:int=3, # ... in this many epochs in a row
+                 warmup_kimg:float=5., # no warning before this many thousand images: an unformed generator's samples are all alike
+                 seed:int=0, # seed of the fixed noise, the pairs and the real slices chosen
+                 warnings_file:str|None='warnings.txt', # where warnings are added (relative to `learn.path`; None: console only)
+                ):
+        store_attr()
+        self.real,self.history,self.streak = None,[],0
+
+    def before_fit(self):
+        g = self.learn.model.generator
+        self.n_classes = getattr(g, 'n_classes', 0)
+        self.noise = torch.randn(self.n, g.z_dim, generator=torch.Generator().manual_seed(self.seed))
+        self.pairs = diversity_pairs(self.n, self.n_pairs, self.seed)
+        if self.real is None:  # once per run: a resumed run gets it from its checkpoint
+            reals = real_slices_by_class(self.learn.dls, self.n, self.seed)
+            self.real = {k: pair_ssim(v, diversity_pairs(len(v), self.n_pairs, self.seed)) for k,v in reals.items() if len(v) > 1}
+
+    def measure(self)->dict: # {class: samples' mean pair SSIM}
+        "The samples' mean pair SSIM for each class, from the fixed noise"
+        G = sampling_generator(self.learn)
+        labels = lambda k: torch.full((self.n,), k, dtype=torch.long) if self.n_classes else None
+        return {k: pair_ssim(sample_images(G, self.noise, labels=labels(k)), self.pairs) for k in self.real}
+
+    def after_epoch(self):
+        if skipped_epoch(self.learn) or rank_distrib() or not self.real: return
+        fake = self.measure()
+        k = max(fake, key=lambda c: fake[c] - self.real[c])  # the class closest to collapse
+        gap,warm = fake[k] - self.real[k], gan_state(self.learn).n_img >= self.warmup_kimg * 1000
+        self.streak = self.streak + 1 if gap > self.margin and warm else 0
+        warn = self.streak == self.patience
+        d = dict(epoch=self.epoch + 1, pair_ssim=fake[k], real_pair_ssim=self.real[k], collapse_warning=int(warn), worst_class=k,
+                 per_class={c: (fake[c], self.real[c]) for c in fake})
+        gan_state(self.learn).diversity = d
+        self.history.append({k_: v for k_,v in d.items() if k_ != 'per_class'})
+        if warn: self.warn(d)
+
+    def warn(self, d:dict):
+        "Say on the console and in the run folder's `warnings_file` that the samples have grown markedly alike"
+        vocab = getattr(self.learn.model.generator, 'vocab', None)
+        cls = f' of class {vocab[d["worst_class"]] if vocab else d["worst_class"]}' if self.n_classes else ''
+        msg = (f'epoch {d["epoch"]}: samples{cls} are more alike than the real slices for {self.patience} epochs '
+               f'(mean pair SSIM {d["pair_ssim"]:.3f} against {d["real_pair_ssim"]:.3f}, margin {self.margin}): '
+               f'the generator may be collapsing to few images; see samples/epoch_{d["epoch"]:03d}.png')
+        print(f'warning: {msg}', flush=True)
+        if self.warnings_file is None: return
+        f = Path(self.learn.path)/self.warnings_file
+        old = f.read_text() if f.exists() else ''
+        write_atomic(f, lambda p: Path(p).write_text(old + msg + '\n'), overwrite=True)
+
+    def checkpoint_state(self): return dict(real={str(k): v for k,v in (self.real or {}).items()}, streak=self.streak,
+                                            history=[dict(h) for h in self.history])
+    def load_checkpoint_state(self, d):
+        self.real,self.streak = {int(k): float(v) for k,v in d['real'].items()} or None, int(d['streak'])
+        self.history = [dict(h) for h in d['history']]
 
 # %% ../nbs/05_callbacks.ipynb #229a1f68
 def save_checkpoint(learn, # a GAN learner (ours or fastai's)
@@ -284,3 +421,35 @@ class GANCheckpoint(Callback):
         d = Path(self.learn.path)/self.folder
         save_checkpoint(self.learn, d/f'epoch_{self.epoch + 1:03d}.pth', self.epoch + 1)
         for old in checkpoint_files(d)[:-self.keep]: old.unlink()  # by epoch number: epoch_1000 is newer than epoch_999
+
+# %% ../nbs/05_callbacks.ipynb #c0d1a011
+class TrainingBudget(Callback):
+    "End `fit` after `kimg` thousand real images in the run or `minutes` of wall-clock time in this fit, whichever comes first"
+    order = 95  # after the checkpoint of an epoch that ends on the budget
+    def __init__(self, kimg:float|None=None, # thousands of real images shown, counted across resumes (None: no limit)
+                 minutes:float|None=None, # wall-clock minutes of this fit (None: no limit)
+                ):
+        store_attr()
+        self.reason = self.stopped_at = None
+
+    def before_fit(self): self.t0,self.reason,self.stopped_at = time.monotonic(),None,None
+
+    def spent(self)->str|None:
+        "What ran out ('12.5 kimg', '5 minutes'), or None while training may go on"
+        st = gan_state(self.learn)
+        if self.kimg is not None and st.n_img >= self.kimg * 1000: return f'{self.kimg:g} kimg'
+        if self.minutes is not None and time.monotonic() - self.t0 >= self.minutes * 60: return f'{self.minutes:g} minutes'
+
+    def _stop(self, where:str):
+        self.stopped_at = where  # 'start', 'batch' (inside an epoch) or 'epoch' (at its end): what a caller must still save
+        raise CancelFitException()
+    def before_epoch(self):
+        if skipped_epoch(self.learn): return
+        self.reason = self.spent()
+        if self.reason: self._stop('start')  # nothing left when the epoch began
+    def after_batch(self):
+        if not self.training or skipped_epoch(self.learn): return
+        self.reason = self.spent()
+        if self.reason and self.iter < self.n_iter - 1: self._stop('batch')
+    def after_epoch(self):
+        if self.reason and not skipped_epoch(self.learn): self._stop('epoch')  # after the epoch's samples, chart and checkpoint

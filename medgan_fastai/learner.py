@@ -17,7 +17,7 @@ from fastcore.foundation import L
 from fastai.callback.core import Callback, CancelBackwardException, CancelStepException
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
-from fastai.torch_core import set_seed, params
+from fastai.torch_core import set_seed, params, num_distrib
 from fastai.vision.gan import GANModule, GANLoss
 from fastai.metrics import LossMetrics
 from .models import *
@@ -29,8 +29,8 @@ from .callbacks import *
 # %% auto #0
 __all__ = ['GAN_LOSSES', 'ARCHS', 'PRECISIONS', 'bce_gen_loss', 'bce_crit_loss', 'ns_gen_loss', 'ns_crit_loss', 'hinge_gen_loss',
            'hinge_crit_loss', 'wgan_gen_loss', 'wgan_crit_loss', 'r1_penalty', 'critic_logits', 'gradient_penalty',
-           'gan_splitter', 'MedGANLearner', 'gan_defaults', 'gan_models', 'resolve_precision', 'GANMixedPrecision',
-           'gan_learner', 'export_generator']
+           'gan_splitter', 'MedGANLearner', 'gan_defaults', 'gan_models', 'net_widths', 'resolve_precision',
+           'GANMixedPrecision', 'gan_learner', 'export_generator']
 
 # %% ../nbs/06_learner.ipynb #f93527c7
 def _bce(pred, target:float): return F.binary_cross_entropy_with_logits(pred, torch.full_like(pred, target))
@@ -157,6 +157,7 @@ def _critic_step(self:MedGANLearner, noise, real, make_graph:bool):
     st.real_logits = real_pred.detach()
     self._update(loss, C)
     st.crit_steps += 1
+    st.n_img += real.shape[0] * max(num_distrib(), 1)  # every process shows its own batch: kimg counts them all
     return fake
 
 # %% ../nbs/06_learner.ipynb #7d830f9a
@@ -244,6 +245,17 @@ def gan_models(arch:str, size:int, n_channels:int, z_dim:int, # architecture, im
     return (DCGANGenerator(size=size, z_dim=z_dim, n_channels=n_channels, **g_kwargs),
             DCGANCritic(size=size, n_channels=n_channels, spectral_norm=spectral_norm, batch_norm=loss != 'wgan-gp', **c_kwargs))
 
+# %% ../nbs/06_learner.ipynb #c1d2e002
+def net_widths(arch:str, # 'dcgan' or 'style'
+               width:int, # channels of the widest layer of both nets
+              )->tuple: # (g_kwargs, c_kwargs) for `gan_learner`
+    "The generator's and critic's width arguments that give `width` channels at their widest layer"
+    if arch == 'style':  # full width up to 8x8, halving with every doubling of the resolution above it
+        kw = dict(channel_base=8 * width, channel_max=width)
+        return kw, dict(kw)
+    nf = max(1, width // 8)  # DCGAN: `nf` next to the image, doubling inwards up to `8*nf`
+    return dict(ngf=nf), dict(ndf=nf)
+
 # %% ../nbs/06_learner.ipynb #3827671a
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 
@@ -329,6 +341,7 @@ def gan_learner(dls, # from `data.gan_dls`: batches of (noise, images in [-1, 1]
                 ada_target:float=0.6, # ADA's target for the sign of the critic's output on reals
                 ada_kimg:float=10., # ADA's speed: thousands of real images for p to go from 0 to 1 (NVlabs: 500 for big GPU runs)
                 ema:bool=True, # keep an EMA generator (used for samples and export)
+                ema_kimg:float=2., # the EMA's half-life in thousands of images (ramped up over the first images)
                 spectral_norm:bool|None=None, # spectral norm in the DCGAN critic (default: with hinge and ns losses)
                 generator:nn.Module|None=None, critic:nn.Module|None=None, # bring your own nets
                 g_kwargs:dict|None=None, c_kwargs:dict|None=None, # extra arguments of the nets
@@ -352,7 +365,7 @@ def gan_learner(dls, # from `data.gan_dls`: batches of (noise, images in [-1, 1]
         critic = AugmentedCritic(critic, DiffAugment('translation,cutout,color' if augment == 'ada' else augment,
                                                      p=0. if augment == 'ada' else 1.))
         if augment == 'ada': cbs.append(ADACallback(target=ada_target, kimg_to_full=ada_kimg))
-    if ema: cbs.append(GeneratorEMA())
+    if ema: cbs.append(GeneratorEMA(half_life_kimg=ema_kimg))
     if seed is not None: dls.train.rng.seed(seed)  # the loader's shuffling too
     learn = MedGANLearner(dls, generator, critic, *GAN_LOSSES[d['loss']], n_crit=pick(n_crit, 'n_crit'),
                           r1_gamma=pick(r1_gamma, 'r1_gamma'), gp_weight=d['gp_weight'],

@@ -6,7 +6,7 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/run.html.md"""
 
 # %% ../nbs/06c_run.ipynb #r0000004
 from __future__ import annotations
-import inspect, json, os, platform, shutil, subprocess, sys, time
+import inspect, json, math, os, platform, shutil, subprocess, sys, time
 from pathlib import Path
 from typing import Annotated
 from fastai.torch_core import num_distrib, rank_distrib
@@ -19,25 +19,27 @@ from .learner import *
 from .distributed import init_distributed, on_rank0_first
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'recipe_options', 'Recipe', 'parse_label_map', 'recipe_learner', 'RunFolderError', 'prepare_run_folder',
-           'train_run', 'hardware', 'record_training']
+__all__ = ['RUN_FILES', 'recipe_options', 'Recipe', 'parse_label_map', 'auto_config', 'recipe_learner', 'RunFolderError',
+           'prepare_run_folder', 'train_run', 'hardware', 'record_training']
 
 # %% ../nbs/06c_run.ipynb #r0000006
 def recipe_options(source:str=None, # DICOM/PNG/JPG folder (recursive); default: the demo brain MR series
                    size:int=64, # image side: 32, 64, 128 or 256
                    arch:str='dcgan', # dcgan or style
                    loss:str=None, # bce, ns, hinge or wgan-gp (default: hinge for dcgan, ns for style)
-                   bs:int=32, # batch size (small data: smaller batches give more steps per epoch)
+                   bs:int=None, # batch size (default: auto, from the image size, the slices and the hardware)
                    window:str='auto', # a preset (brain, bone, ...), file, auto, or CENTER,WIDTH
                    augment:str='ada', # ada (adaptive), a fixed DiffAugment policy such as translation,cutout,color, or none
-                   ada_target:float=0.6, # ADA's target for the sign of the critic's output on reals
-                   ada_kimg:float=10., # ADA's speed: thousands of real images for p to go from 0 to 1
+                   ada_target:float=None, # ADA's target for the sign of the critic's output on reals (default: auto, 0.6)
+                   ada_kimg:float=None, # ADA's speed: thousands of real images for p to go from 0 to 1 (default: auto)
                    ema:bool=True, # an EMA generator for samples and export (--no-ema: the raw weights)
+                   ema_kimg:float=None, # the EMA's half-life in thousands of images, ramped up over the run's start (default: auto)
+                   width:int=None, # channels of the nets' widest layer (default: auto; dcgan 512 = the paper's, style 128 on CPU)
                    seed:int=42, # random seed: the same seed and settings give the same run
                    lr_g:float=None, # generator learning rate (default 2e-4 dcgan, 2e-3 style)
                    lr_c:float=None, # critic learning rate (same defaults)
                    n_crit:int=None, # critic updates per generator update (default 5 for wgan-gp, else 1)
-                   r1_gamma:float=None, # R1 penalty weight (default 0 dcgan, 1 style)
+                   r1_gamma:float=None, # R1 penalty weight (default: 0 dcgan; style: auto, 0.0002 * size^2 / bs as StyleGAN2-ADA)
                    z_dim:int=None, # noise length (default 100 dcgan, 128 style)
                    skip_blank:bool=True, # leave out slices that are mostly background (--no-skip-blank keeps them)
                    samples:int=64, # images in each epoch's sample grid
@@ -49,8 +51,10 @@ def recipe_options(source:str=None, # DICOM/PNG/JPG folder (recursive); default:
                    betas_c:Annotated[list, {'nargs': 2, 'type': float}]=None, # critic Adam betas (same defaults)
                    channels_last:bool=False, # NHWC memory format (faster convolutions on recent GPUs)
                    data_licence:str=None, # the training data's licence, as you state it (written into the model card)
+                   kimg:float=None, # train until this many thousand real images were shown (the run's total; replaces --epochs)
+                   minutes:float=None, # wall-clock budget of this invocation in minutes, ending with a checkpoint and export (replaces --epochs)
                 )->dict:
-    "Every option of a GAN training run with its default (`None`: the architecture's, see `Recipe.resolved`)"
+    "Every option of a GAN training run with its default (`None`: the architecture's, `Recipe.resolved`, or the data's, `auto_config`)"
     return dict(locals())
 
 class Recipe:
@@ -81,7 +85,7 @@ def _resolved(self:Recipe)->Recipe:
     "A copy with every default filled in: what the run trains with and what `config.json` stores"
     d = self.as_dict()
     defaults = gan_defaults(d['arch'], d['loss'])
-    for k in ('loss', 'lr_g', 'lr_c', 'n_crit', 'r1_gamma', 'z_dim', 'betas_g', 'betas_c'):
+    for k in ('loss', 'lr_g', 'lr_c', 'n_crit', 'z_dim', 'betas_g', 'betas_c'):  # the data decides the rest (`auto_config`)
         if d[k] is None: d[k] = defaults[k]
     d['betas_g'],d['betas_c'] = [float(b) for b in d['betas_g']],[float(b) for b in d['betas_c']]
     d['augment'] = None if str(d['augment']).lower() in ('none', '') else d['augment']
@@ -105,30 +109,77 @@ def _from_json(cls, path_or_text)->Recipe:
     return cls(**{k: v for k,v in d.items() if k in cls.options()})
 Recipe.from_json = classmethod(_from_json)
 
+# %% ../nbs/06c_run.ipynb #a0c0f002
+def auto_config(recipe:Recipe, # a resolved recipe: its `None` options are chosen here
+                n_slices:int, # training slices
+                device:str|None=None, # 'cpu' or 'cuda' (default: where training runs)
+               )->tuple: # (the recipe with every option set, {option: why})
+    "Choose batch size, widths, R1 gamma, EMA half-life and ADA settings left as None from the image size, the data and the hardware"
+    import torch
+    d,why = recipe.as_dict(),{}
+    res,style = int(d['size']), d['arch'] == 'style'
+    gpu = (device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cuda'
+    mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if gpu else 0.
+    threads = torch.get_num_threads()
+    hw = f'a GPU with {mem:.0f} GiB' if gpu else f'a CPU with {threads} threads'
+    if d['bs'] is None:
+        cap = min(4096 // res, 64 if gpu and mem >= 16 else 32)
+        fit = 2 ** int(math.log2(max(n_slices // 4, 1)))  # at least four batches an epoch
+        d['bs'] = int(min(max(min(cap, fit), 8), n_slices))
+        why['bs'] = f'{n_slices} slices of {res} px on {hw}: at most {cap} (NVlabs: 4096 // size, capped) and at least 4 batches an epoch'
+    if d['width'] is None:
+        d['width'] = 512 if not style or (gpu and mem >= 16) else (256 if gpu or threads >= 16 else 128)
+        why['width'] = ('the DCGAN paper\'s widest layer' if not style else f'the style nets sized for {hw}')
+    if d['r1_gamma'] is None:
+        d['r1_gamma'] = round(0.0002 * res ** 2 / d['bs'], 6) if style and d['loss'] in ('ns', 'bce') else 0.
+        why['r1_gamma'] = (f'StyleGAN2-ADA auto: 0.0002 * {res}^2 / {d["bs"]}' if d['r1_gamma'] else
+                           'none: the critic is spectrally normalised or gradient-penalised instead')
+    if d['ema_kimg'] is None:
+        d['ema_kimg'] = d['bs'] * 10 / 32
+        why['ema_kimg'] = f'StyleGAN2-ADA auto: bs * 10 / 32, ramped up over the first images (at most 5% of those seen)'
+    if d['ada_target'] is None: d['ada_target'],why['ada_target'] = 0.6, 'the ADA paper\'s target'
+    if d['ada_kimg'] is None:
+        d['ada_kimg'] = 100. if gpu else 10.
+        why['ada_kimg'] = f'p can go from 0 to 1 within a short run on {hw}'
+    # options a run does not use (no EMA, no ADA) are set, so the config is complete, but not reported as choices
+    unused = (() if d['ema'] else ('ema_kimg',)) + (() if str(d['augment']).lower() == 'ada' else ('ada_target', 'ada_kimg'))
+    return Recipe(**d), {k: v for k,v in why.items() if k not in unused}
+
 # %% ../nbs/06c_run.ipynb #r0000013
 def recipe_learner(recipe:Recipe, # a resolved recipe
                    path, # the run folder
                    keep:int=2, # checkpoints kept
                    cbs=None, # more callbacks
                   )->MedGANLearner:
-    "Data and learner of `recipe`, writing samples, the loss chart and checkpoints to `path`"
+    "Data and learner of `recipe` (`learn.recipe`: every option set), writing samples, the loss chart and checkpoints to `path`"
     r = recipe
-    dls = on_rank0_first(gan_dls, r.source, size=r.size, bs=r.bs, window=parse_window(r.window), z_dim=r.z_dim,
-                         skip_blank=r.skip_blank, label=r.label, label_map=r.label_map,
-                         allow_identifying_label=bool(r.allow_identifying_label), verbose=not rank_distrib())
-    return gan_learner(dls, arch=r.arch, loss=r.loss, augment=r.augment, ada_target=r.ada_target, ada_kimg=r.ada_kimg,
-                       ema=r.ema, seed=r.seed, lr_g=r.lr_g, lr_c=r.lr_c, betas_g=tuple(r.betas_g), betas_c=tuple(r.betas_c), n_crit=r.n_crit, r1_gamma=r.r1_gamma, path=Path(path),
-                       cbs=[SampleGrid(n=r.samples), LossChart(), GANCheckpoint(keep=keep)] + list(cbs or []),
-                       precision=r.precision, channels_last=bool(r.channels_last))
+    data = lambda bs, verbose: on_rank0_first(gan_dls, r.source, size=r.size, bs=bs, window=parse_window(r.window), z_dim=r.z_dim,
+                                              skip_blank=r.skip_blank, label=r.label, label_map=r.label_map,
+                                              allow_identifying_label=bool(r.allow_identifying_label), verbose=verbose)
+    dls,why = data(r.bs or 32, not rank_distrib()),{}
+    if any(v is None for v in (r.bs, r.width, r.r1_gamma, r.ema_kimg, r.ada_target, r.ada_kimg)):
+        r,why = auto_config(r, len(dls.train_ds))
+        if dls.train.bs != min(r.bs, len(dls.train_ds)): dls = data(r.bs, False)  # the same decode-once cache, new batches
+        if why and not rank_distrib():
+            print('chosen from the data (set any with its flag):\n' + '\n'.join(f'  --{k.replace("_", "-")} {getattr(r, k):g}: {v}' for k,v in why.items()))
+    g_kw,c_kw = net_widths(r.arch, r.width)
+    budget = [TrainingBudget(r.kimg, r.minutes)] if r.kimg is not None or r.minutes is not None else []
+    learn = gan_learner(dls, arch=r.arch, loss=r.loss, augment=r.augment, ada_target=r.ada_target, ada_kimg=r.ada_kimg,
+                        ema=r.ema, ema_kimg=r.ema_kimg, seed=r.seed, lr_g=r.lr_g, lr_c=r.lr_c, betas_g=tuple(r.betas_g),
+                        betas_c=tuple(r.betas_c), n_crit=r.n_crit, r1_gamma=r.r1_gamma, g_kwargs=g_kw, c_kwargs=c_kw, path=Path(path),
+                        cbs=[SampleGrid(n=r.samples), SampleDiversity(), LossChart(), GANCheckpoint(keep=keep)] + budget + list(cbs or []),
+                        precision=r.precision, channels_last=bool(r.channels_last))
+    learn.recipe,learn.auto_reasons = r,why
+    return learn
 
 # %% ../nbs/06c_run.ipynb #r0000016
 class RunFolderError(InputError):
     "A run folder that cannot be used as asked: `path` names it, `reason` says why"
 
-RUN_FILES = ('loss.csv', 'loss.png', 'generator.pth', 'config.json')  # what a run writes beside `samples/` and `checkpoints/`
+RUN_FILES = ('loss.csv', 'loss.png', 'generator.pth', 'config.json', 'warnings.txt')  # what a run writes beside `samples/` and `checkpoints/`
 
 def prepare_run_folder(out, # the run folder
-                       recipe:Recipe, # the recipe asked for (ignored on resume: the folder's own is used)
+                       recipe:Recipe, # the recipe asked for (on resume the folder's own is used, with the `kimg`/`minutes` asked)
                        resume:bool=False, # continue the run in `out`
                        force:bool=False, # start again in a folder that holds a run (its files are replaced)
                       )->Recipe: # the resolved recipe the run trains with
@@ -139,7 +190,8 @@ def prepare_run_folder(out, # the run folder
         saved = Recipe.from_json(run/'config.json').resolved()
         if recipe.source is not None and saved.source is not None and Path(recipe.source).resolve() != Path(saved.source).resolve():
             raise RunFolderError(run, f'a resumed run continues on its own source {saved.source}, not {recipe.source}')
-        recipe = saved
+        # the training length is the one option a resume may change, as `epochs` is
+        recipe = Recipe(**{**saved.as_dict(), **{k: getattr(recipe, k) for k in ('kimg', 'minutes') if getattr(recipe, k) is not None}})
     src = Path(recipe.source).resolve() if recipe.source is not None else None
     if src is not None and src.is_dir() and (run.resolve() == src or src in run.resolve().parents):
         raise RunFolderError(run, f'is inside the source folder {recipe.source}: its sample grids and charts would be read '
@@ -161,10 +213,18 @@ def _launch_processes(n:int, kwargs:dict):
     rc = subprocess.call(cmd)
     if rc: raise RuntimeError(f'the {n} training processes failed (exit code {rc})')
 
-def _fit_or_checkpoint(learn, run:Path, epochs:int, start:int):
-    "Train from `start` to `epochs`; on Ctrl-C save `epoch_NNN_interrupted.pth` (first process) and raise it again"
+def _fit_or_checkpoint(learn, run:Path, epochs:int, start:int)->int:
+    "Train from `start` to `epochs`; return the epochs completed; on Ctrl-C save `epoch_NNN_interrupted.pth` (first process) and raise it again"
     try:
         with learn.distrib_ctx(): learn.fit(epochs, start_epoch=start)
+        budget = next((cb for cb in learn.cbs if isinstance(cb, TrainingBudget)), None)
+        if budget is None or budget.reason is None: return epochs
+        done = learn.epoch + (budget.stopped_at == 'epoch')
+        if budget.stopped_at == 'batch' and not rank_distrib():  # inside an epoch: keep the weights it reached
+            ck = save_checkpoint(learn, run/'checkpoints'/f'epoch_{done:03d}_interrupted.pth', done)
+            print(f'{budget.reason} reached during epoch {done + 1} ({learn.gan_state.kimg:.2f} kimg): saved {ck}')
+        elif not rank_distrib(): print(f'{budget.reason} reached after epoch {done} ({learn.gan_state.kimg:.2f} kimg)')
+        return done
     except KeyboardInterrupt:
         if not rank_distrib():
             done = learn.epoch  # epochs completed: the interrupted one is repeated on resume, from the weights it reached
@@ -176,7 +236,7 @@ def _fit_or_checkpoint(learn, run:Path, epochs:int, start:int):
 def train_run(source:str=None, # DICOM/PNG/JPG folder; default: the demo brain MR series (ignored on resume)
               out='runs/demo', # the run folder
               recipe:Recipe|dict|None=None, # the options (default: `Recipe()`); a dict is passed to `Recipe`
-              epochs:int=30, # total epochs (with `resume`: train until this many are done)
+              epochs:int=30, # total epochs (with `resume`: train until this many are done); the recipe's `kimg`/`minutes` replace it
               resume:bool=False, # continue the run in `out` from its newest checkpoint
               force:bool=False, # start again in an existing `out` (its files are replaced)
               keep:int=2, # checkpoints kept
@@ -195,7 +255,8 @@ def train_run(source:str=None, # DICOM/PNG/JPG folder; default: the demo brain M
                                             keep=keep, gpus=gpus))
     init_distributed()
     learn = recipe_learner(r, run, keep=keep, cbs=cbs)
-    if not rank_distrib() and not (run/'config.json').exists(): r.to_json(run/'config.json')
+    r,cfg = learn.recipe, run/'config.json'
+    if not rank_distrib() and (not cfg.exists() or Recipe.from_json(cfg) != r): r.to_json(cfg)  # new, or a new training length
     if not rank_distrib():
         for p in remove_stale_temporaries(run): print(f'removed {p.relative_to(run)}: a temporary file left by an interrupted write')
     start,ck,skipped = 0,*(loadable_checkpoint(run) if resume else (None, []))
@@ -204,11 +265,15 @@ def train_run(source:str=None, # DICOM/PNG/JPG folder; default: the demo brain M
         start = load_checkpoint(learn, ck)
         print(f'resuming {run} after epoch {start} from {ck.name}')
     elif resume: print(f'{run}: no checkpoint yet, starting from the beginning')
-    t0 = time.monotonic()
-    if start >= epochs: print(f'{run}: {start} epochs done already (asked for {epochs})')
+    t0,st = time.monotonic(),learn.gan_state
+    if r.kimg is not None or r.minutes is not None:  # images or minutes decide; epochs only number the checkpoints
+        per_epoch = len(learn.dls.train) * learn.dls.train.bs * max(num_distrib(), 1)
+        epochs = start + (math.ceil(max(r.kimg * 1000 - st.n_img, 0) / per_epoch) if r.kimg is not None else 10**6)
+    if r.kimg is not None and st.n_img >= r.kimg * 1000: print(f'{run}: {st.kimg:g} kimg done already (asked for {r.kimg:g})')
+    elif start >= epochs: print(f'{run}: {start} epochs done already (asked for {epochs})')
     else:
         done = None
-        try: _fit_or_checkpoint(learn, run, epochs, start); done = epochs
+        try: done = _fit_or_checkpoint(learn, run, epochs, start)
         finally:  # an interrupted fit is recorded too: the epochs it completed and the time it took
             if not rank_distrib(): record_training(learn, run, time.monotonic() - t0, learn.epoch if done is None else done)
     if rank_distrib(): return learn  # the first process exports
@@ -236,11 +301,12 @@ def record_training(learn, # the learner after `fit`
     old = json.loads(f.read_text()) if f.exists() else {}
     items = getattr(getattr(dls, 'cache', None), 'items', None)
     count = lambda col: int(items[col].nunique()) if items is not None and col in items else None
-    rec = dict(epochs=int(epochs), kimg=round(learn.gan_state.crit_steps * dls.train.bs * max(num_distrib(), 1) / 1000, 3),
+    rec = dict(epochs=int(epochs), kimg=round(learn.gan_state.kimg, 3),
                critic_steps=learn.gan_state.crit_steps, generator_steps=learn.gan_state.gen_steps,
                wall_time_s=round(old.get('wall_time_s', 0.) + seconds, 1), hardware=hardware(),
                processes=max(num_distrib(), 1), slices=len(dls.train_ds) + len(dls.valid_ds), train_slices=len(dls.train_ds),
                series=count('series_uid'), patients=count('patient'), classes=[str(v) for v in getattr(dls, 'vocab', None) or []],
+               chosen_from_data=getattr(learn, 'auto_reasons', None) or old.get('chosen_from_data', {}),
                finished=time.strftime('%Y-%m-%dT%H:%M:%S'))
     write_atomic(f, lambda p: Path(p).write_text(json.dumps(rec, indent=1)), overwrite=True)
     return rec
