@@ -10,7 +10,8 @@ import inspect, json, math, os, platform, shutil, subprocess, sys, time
 from pathlib import Path
 from typing import Annotated
 from fastai.torch_core import num_distrib, rank_distrib
-from .dicom import InputError, parse_window
+from .dicom import InputError, parse_window, resolve_window
+from .volumes import VolumeOptions, options_key
 from .persist import *
 from .card import write_model_card
 from .data import gan_dls
@@ -19,8 +20,8 @@ from .learner import *
 from .distributed import init_distributed, on_rank0_first
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'recipe_options', 'Recipe', 'parse_label_map', 'auto_config', 'recipe_learner', 'RunFolderError',
-           'prepare_run_folder', 'train_run', 'hardware', 'record_training']
+__all__ = ['RUN_FILES', 'recipe_options', 'Recipe', 'parse_label_map', 'RecipeError', 'recipe_volume', 'auto_config',
+           'recipe_learner', 'RunFolderError', 'prepare_run_folder', 'train_run', 'hardware', 'record_training']
 
 # %% ../nbs/06c_run.ipynb #r0000006
 def recipe_options(source:str=None, # DICOM/PNG/JPG folder (recursive); default: the demo brain MR series
@@ -43,9 +44,16 @@ def recipe_options(source:str=None, # DICOM/PNG/JPG folder (recursive); default:
                    z_dim:int=None, # noise length (default 100 dcgan, 128 style)
                    skip_blank:bool=True, # leave out slices that are mostly background (--no-skip-blank keeps them)
                    samples:int=64, # images in each epoch's sample grid
-                   label:str=None, # conditional GAN: class labels from 'folder' (parent folder names) or a DICOM tag
+                   label:str=None, # conditional GAN: class labels from 'folder' (parent folder names), a DICOM tag, 'seg' (NIfTI segmentations, see --seg-rule) or a CSV file (file,label or subject,label)
                    label_map:str=None, # map label values to classes: a JSON file, VALUE=CLASS,VALUE=CLASS, or a dict
                    allow_identifying_label:bool=False, # accept a --label that identifies patients (PatientName, PatientID, ...)
+                   axis:str='axial', # NIfTI sources: the plane of the slices (axial, coronal or sagittal)
+                   nifti_volume:str='0', # NIfTI 4-D files: the index of the volume to slice, or all
+                   central_fraction:float=1., # NIfTI sources: keep only this central fraction of the slices along --axis
+                   percentiles:str='0.5,99.5', # NIfTI volumes not in HU: the automatic window spans these percentiles of each volume's foreground
+                   modality:str=None, # NIfTI sources: CT (values in HU: window presets apply) or another (default: the JSON sidecar, else guessed)
+                   seg_rule:str=None, # NIfTI: where each image's segmentation lies, for --label seg: brats (X_t1 -> X_seg) or REGEX=REPLACEMENT on the name
+                   seg_labels:str=None, # --label seg: a slice's class is whether it holds any of these label values (e.g. 1,2,4); default: its dominant label
                    precision:str='auto', # auto (bf16 on GPUs that have it), fp32, bf16 or fp16 (always fp32 on CPU)
                    betas_g:Annotated[list, {'nargs': 2, 'type': float}]=None, # generator Adam betas (default 0.5 0.999 dcgan, 0 0.99 style)
                    betas_c:Annotated[list, {'nargs': 2, 'type': float}]=None, # critic Adam betas (same defaults)
@@ -80,11 +88,39 @@ def parse_label_map(label_map)->dict|None:
     if any(len(kv) != 2 for kv in pairs): raise ValueError(f'a label map is a JSON file or VALUE=CLASS,VALUE=CLASS, not {label_map!r}')
     return {k.strip(): v.strip() for k,v in pairs}
 
+# %% ../nbs/06c_run.ipynb #881f15ef
+class RecipeError(InputError):
+    "An option of a training recipe that cannot be used: `path` names the option, `reason` says why"
+
+def recipe_volume(recipe, # a `Recipe` (or anything with its NIfTI options as attributes)
+                 )->dict: # the `volumes.VolumeOptions` fields, as JSON values
+    "How the recipe's NIfTI sources are sliced, checked"
+    r = recipe
+    def text_list(v): return None if v is None or str(v).strip() == '' else [s.strip() for s in str(v).split(',') if s.strip()]
+    try:
+        pcts = r.percentiles if isinstance(r.percentiles, (list, tuple)) else [float(v) for v in text_list(r.percentiles)]
+        if len(pcts) != 2: raise ValueError(f'{r.percentiles!r}: give two percentiles, LOW,HIGH')
+    except (TypeError, ValueError) as e: raise RecipeError('--percentiles', str(e)) from None
+    vol = r.nifti_volume
+    if not isinstance(vol, int): vol = 'all' if str(vol).strip().lower() == 'all' else (int(vol) if str(vol).strip().isdigit() else vol)
+    rule = r.seg_rule
+    if isinstance(rule, str) and '=' in rule: rule = tuple(rule.split('=', 1))
+    labels = r.seg_labels if isinstance(r.seg_labels, (list, tuple)) or r.seg_labels is None else text_list(r.seg_labels)
+    try: labels = None if labels is None else [int(v) for v in labels]
+    except ValueError: raise RecipeError('--seg-labels', f'{r.seg_labels!r}: give label values as integers, e.g. 1,2,4') from None
+    for flag,kw in (('--axis', dict(axis=r.axis)), ('--nifti-volume', dict(volume=vol)), ('--central-fraction', dict(central_fraction=float(r.central_fraction))),
+                    ('--percentiles', dict(percentiles=tuple(pcts))), ('--seg-rule', dict(seg_rule=rule))):
+        try: VolumeOptions(**kw)
+        except (TypeError, ValueError) as e: raise RecipeError(flag, str(e)) from None
+    return options_key(VolumeOptions(axis=r.axis, volume=vol, central_fraction=float(r.central_fraction), percentiles=tuple(pcts),
+                                     modality=r.modality or None, seg_rule=rule, seg_labels=labels))
+
 # %% ../nbs/06c_run.ipynb #r0000010
 def _resolved(self:Recipe)->Recipe:
     "A copy with every default filled in: what the run trains with and what `config.json` stores"
     d = self.as_dict()
-    defaults = gan_defaults(d['arch'], d['loss'])
+    try: defaults = gan_defaults(d['arch'], d['loss'])
+    except ValueError as e: raise RecipeError('--arch' if d['arch'] not in ARCHS else '--loss', str(e)) from None
     for k in ('loss', 'lr_g', 'lr_c', 'n_crit', 'z_dim', 'betas_g', 'betas_c'):  # the data decides the rest (`auto_config`)
         if d[k] is None: d[k] = defaults[k]
     d['betas_g'],d['betas_c'] = [float(b) for b in d['betas_g']],[float(b) for b in d['betas_c']]
@@ -92,6 +128,11 @@ def _resolved(self:Recipe)->Recipe:
     d['label_map'] = parse_label_map(d['label_map'])
     d['precision'] = resolve_precision(d['precision'] or 'auto')
     if isinstance(d['window'], (list, tuple)): d['window'] = ','.join(str(float(v)) for v in d['window'])
+    try:  # a misspelt preset fails now, not after the data is read
+        w = parse_window(str(d['window']))
+        if isinstance(w, str) and w not in ('auto', 'file'): resolve_window(w)
+    except ValueError as e: raise RecipeError('--window', str(e)) from None
+    recipe_volume(Recipe(**d))  # a bad NIfTI option fails here, before any data is read
     return Recipe(**d)
 Recipe.resolved = _resolved
 
@@ -154,7 +195,7 @@ def recipe_learner(recipe:Recipe, # a resolved recipe
     "Data and learner of `recipe` (`learn.recipe`: every option set), writing samples, the loss chart and checkpoints to `path`"
     r = recipe
     data = lambda bs, verbose: on_rank0_first(gan_dls, r.source, size=r.size, bs=bs, window=parse_window(r.window), z_dim=r.z_dim,
-                                              skip_blank=r.skip_blank, label=r.label, label_map=r.label_map,
+                                              skip_blank=r.skip_blank, label=r.label, label_map=r.label_map, volume=recipe_volume(r),
                                               allow_identifying_label=bool(r.allow_identifying_label), verbose=verbose)
     dls,why = data(r.bs or 32, not rank_distrib()),{}
     if any(v is None for v in (r.bs, r.width, r.r1_gamma, r.ema_kimg, r.ada_target, r.ada_kimg)):
@@ -279,7 +320,8 @@ def train_run(source:str=None, # DICOM/PNG/JPG folder; default: the demo brain M
     if rank_distrib(): return learn  # the first process exports
     # a label mapping is the user's own text: the app may then show its class names (else class indices only)
     g = export_generator(learn, run/'generator.pth', source=str(r.source or 'demo: MNI152 2009a T1'), arch=r.arch,
-                         window=r.window, skip_blank=r.skip_blank, **({'label_map': r.label_map} if r.label_map else {}))
+                         window=r.window, skip_blank=r.skip_blank, volume=recipe_volume(r), label=r.label,
+                         **({'label_map': r.label_map} if r.label_map else {}))
     card = write_model_card(run)
     print(f'run folder {run}: samples/ loss.png loss.csv checkpoints/ {g.name} {card.name}')
     return learn

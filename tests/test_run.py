@@ -119,3 +119,21 @@ def test_data_licence_goes_into_the_card(tmp_path, mr_dir):
     (tmp_path/'run').mkdir()
     r.to_json(tmp_path/'run'/'config.json')
     assert 'BSD-2-Clause (dcm_qa test data)' in model_card_text(tmp_path/'run')
+
+def test_nifti_run_records_how_volumes_were_sliced(shared_data, cache_env, tmp_path):
+    "A run on a NIfTI volume cut sagittally: config.json and the exported generator keep the plane and the label rule"
+    from medgan_fastai.persist import load_generator
+    out = tmp_path/'run'
+    train_run(shared_data/'nifti'/'mr-t1-sag_HFS.nii.gz', out=out, recipe=dict(TINY, axis='sagittal', central_fraction=0.8), epochs=1)
+    cfg = json.loads((out/'config.json').read_text())
+    assert (cfg['axis'], cfg['central_fraction']) == ('sagittal', 0.8)
+    info = load_generator(out).info
+    assert info['volume']['axis'] == 'sagittal' and info['volume']['central_fraction'] == 0.8 and 'label' in info
+
+@pytest.mark.parametrize('flag,value', [('--arch', 'foo'), ('--loss', 'l2'), ('--axis', 'oblique'), ('--percentiles', '99'),
+                                        ('--seg-labels', 'tumour'), ('--window', 'brian')])
+def test_bad_recipe_option_gives_one_line_naming_it(flag, value, cache_env, tmp_path):
+    r = subprocess.run([MEDGAN, 'train', '--out', str(tmp_path/'run'), flag, value], env=cache_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().startswith(f'medgan train: {flag}') and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path/'run'/'config.json').exists()
