@@ -31,6 +31,12 @@ def info():
         ok = get_decoder(uid).is_available
         print(f"  {'yes' if ok else 'NO ':3}  {uid.name} ({uid})")
 
+# %% ../nbs/10_cli.ipynb #c1a0e002
+def _volume_flags(axis, nifti_volume, central_fraction, percentiles, modality)->dict:
+    "The NIfTI flags given (`volumes.volume_flags`), as `VolumeOptions` fields"
+    from medgan_fastai.volumes import volume_flags
+    return volume_flags(axis=axis, nifti_volume=nifti_volume, central_fraction=central_fraction, percentiles=percentiles, modality=modality)
+
 # %% ../nbs/10_cli.ipynb #7b874801
 def _parse_size(size):
     "None, N (square) or HxW"
@@ -38,7 +44,7 @@ def _parse_size(size):
     h,_,w = str(size).lower().partition('x')
     return (int(h), int(w)) if w else int(h)
 
-def convert(src:str, # DICOM folder (searched recursively), or one file
+def convert(src:str, # DICOM/NIfTI folder (searched recursively), or one file
             dst:str, # output folder (created); report.csv is written there
             fmt:str='png', # png or jpg
             bits:int=8, # 8 or 16 (png only)
@@ -47,12 +53,18 @@ def convert(src:str, # DICOM folder (searched recursively), or one file
             skip_blank:bool=False, # leave out slices that are mostly background
             keep_tree:bool=False, # mirror SRC's sub-folders in DST
             overwrite:bool=False, # replace existing outputs
+            axis:str=None, # NIfTI: plane of the slices, axial, coronal or sagittal (default axial)
+            nifti_volume:str=None, # NIfTI 4-D files: index of the volume, or all (default 0)
+            central_fraction:float=None, # NIfTI: keep only this central fraction of the slices along the axis (default 1)
+            percentiles:str=None, # NIfTI not in HU: LO,HI percentiles of the volume's automatic window (default 0.5,99.5)
+            modality:str=None, # NIfTI: CT (values in HU, window presets apply) or another such as MR (default: the JSON sidecar's, else guessed)
            ):
-    "Convert DICOM slices to PNG or JPG images, with a report of every input"
+    "Convert DICOM slices and NIfTI volumes to PNG or JPG images, with a report of every input"
     from medgan_fastai.convert import convert_folder
     from medgan_fastai.dicom import parse_window
+    vol = _volume_flags(axis, nifti_volume, central_fraction, percentiles, modality)
     report = convert_folder(src, dst, fmt=fmt, bits=bits, window=parse_window(window), size=_parse_size(size),
-                            skip_blank=skip_blank, keep_tree=keep_tree, overwrite=overwrite, progress=True)
+                            skip_blank=skip_blank, keep_tree=keep_tree, overwrite=overwrite, progress=True, volume=vol)
     n,done = len(report),int(report.ok.sum())
     reasons = report[~report.ok].reason.str.split(' \\(').str[0].value_counts()
     print(f"converted {done} of {n} input slices to {dst}" + (f"; skipped {n - done}:" if done < n else ''))
@@ -201,13 +213,15 @@ _LOWER_IS_BETTER = ('swd', 'fid', 'kid', 'copy_rate', 'msssim')
 def real_slices(source, # the real slices' folder, or 'demo'
                 g, # the generator: its size, window and blank-slice rule decide how the slices are made
                 n:int, # at most this many
+                volume:dict|None=None, # NIfTI `VolumeOptions` fields that replace the model's record (`volumes.volume_flags`)
                )->tuple: # (images (n, c, h, w) in [-1, 1], patient or series id of each)
     "The real slices a generator is scored against, made the way its training slices were, with their patient (or series) ids"
     from medgan_fastai.data import gan_dls
     from medgan_fastai.dicom import parse_window
     info = getattr(g, 'info', {}) or {}
+    vol = {**(info.get('volume') or {}), **(volume or {})} or None  # NIfTI: sliced as in training, unless a flag says otherwise
     dls = gan_dls(None if source == 'demo' else source, size=g.size, window=parse_window(str(info.get('window') or 'auto')),
-                  bs=16, skip_blank=bool(info.get('skip_blank', True)), verbose=False)
+                  bs=16, skip_blank=bool(info.get('skip_blank', True)), verbose=False, volume=vol)
     idx = (list(dls.train_ds.items) + list(dls.valid_ds.items))[:n]
     tab = dls.cache.items
     # the copy audit holds out whole patients (else series) to learn how close a new patient comes to the others
@@ -286,6 +300,11 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
              floor:bool=True, # also score two patient-disjoint halves of the real slices against each other (--no-floor: skip)
              holdout:str=None, # utility: real labelled slices to test on (default: patients/series of SOURCE held out)
              label:str=None, # utility: the model's label rule ('folder' or a DICOM tag) when the model does not record it
+            axis:str=None, # NIfTI SOURCE: plane of the slices, axial, coronal or sagittal (default: the model's record, else axial)
+            nifti_volume:str=None, # NIfTI 4-D files: index of the volume, or all (default: the model's record, else 0)
+            central_fraction:float=None, # NIfTI: central fraction of the slices kept (default: the model's record, else 1)
+            percentiles:str=None, # NIfTI not in HU: LO,HI of the automatic window (default: the model's record, else 0.5,99.5)
+            modality:str=None, # NIfTI: CT or another such as MR (default: the model's record, else the sidecar's or guessed)
             ):
     "Score trained generators against real slices (SWD, MS-SSIM, precision/recall, memorisation, FID/KID/IS, utility) with 95% intervals"
     import json, pandas as pd
@@ -295,12 +314,13 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
     from medgan_fastai import latent
     names = [m.strip() for m in metrics.split(',') if m.strip()]
     if bad := [k for k in names if k not in METRICS + ('utility',)]: sys.exit(f'medgan evaluate: unknown metrics {bad}: choose from {METRICS + ("utility",)}')
+    vol = _volume_flags(axis, nifti_volume, central_fraction, percentiles, modality)
     rows,reals,utility_sets,failed,intervals,floors = [],{},{},[],{},{}
     for m in models:
         g = load_generator(m, device='cpu')
         info = getattr(g, 'info', {}) or {}
-        key = (g.size, str(info.get('window') or 'auto'))
-        if key not in reals: reals[key] = real_slices(source, g, n)  # the same real set for every model trained the same way
+        key = (g.size, str(info.get('window') or 'auto'), json.dumps({**(info.get('volume') or {}), **vol}, sort_keys=True))
+        if key not in reals: reals[key] = real_slices(source, g, n, vol)  # the same real set for every model trained the same way
         real,groups = reals[key]
         fake = latent.generate(g, list(range(seed, seed + n)), labels=_seed_labels(g, list(range(n))))
         res,notes,miss = _score_model(m, g, fake, real, groups, names, source, holdout, label, seed, n_boot, floor, inception_weights, utility_sets)

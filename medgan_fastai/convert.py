@@ -1,4 +1,4 @@
-"""DICOM folders to PNG/JPG with a report of every input, and generated images back to DICOM as a proper, clearly marked series
+"""DICOM folders and NIfTI volumes to PNG/JPG with a report of every input, and generated images back to DICOM as a proper, clearly marked series
 
 Docs: https://medgan-fastai.github.io/medgan_fastai/convert.html.md"""
 
@@ -18,11 +18,12 @@ from pydicom.valuerep import format_number_as_ds
 from . import __version__
 from .dicom import *
 from .series import *
+from .volumes import *
 from .persist import *
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'TEMPLATE_TAGS', 'save_slice', 'write_report', 'convert_folder', 'hu_rescale', 'patient_orientation',
-           'dicom_series_datasets', 'write_dicom_series', 'write_synthetic_dicom']
+__all__ = ['REPORT_COLUMNS', 'VOLUME_COLUMNS', 'TEMPLATE_TAGS', 'save_slice', 'write_report', 'convert_volume', 'convert_folder',
+           'hu_rescale', 'patient_orientation', 'dicom_series_datasets', 'write_dicom_series', 'write_synthetic_dicom']
 
 # %% ../nbs/01d_convert.ipynb #1ccbaf4c
 def save_slice(img01:np.ndarray, # float slice in [0, 1]
@@ -81,29 +82,88 @@ def _convert_slices(jobs, window, size, bits, skip_blank, overwrite):
         except Exception as e: out.append(('', f'{type(e).__name__}: {e}'))
     return out
 
+# %% ../nbs/01d_convert.ipynb #c1d0e102
+VOLUME_COLUMNS = ['axis', 'nonfinite', 'window_used']  # report columns added when NIfTI volumes are converted
+
+def convert_volume(file, # a `.nii` or `.nii.gz` file
+                   prefix, # path of the outputs less their suffix: `<prefix>_<axis>_s0042.png`
+                   window='auto', # preset name (CT in HU), (center, width), or 'auto' (per-volume percentiles)
+                   size=None, # resize to int (square) or (height, width); None keeps each slice's size
+                   bits:int=8, # 8 or 16 (PNG only)
+                   skip_blank:bool=False, # leave out slices that are mostly background (`is_blank`)
+                   overwrite:bool=False, # replace existing outputs
+                   volume:VolumeOptions|dict|None=None, # how the volume is sliced (see `volumes.VolumeOptions`)
+                   ext:str='.png', # '.png' or '.jpg'
+                  )->list: # report rows (dicts), one per kept slice; one row with the reason when the volume is unusable
+    "Convert the slices of one NIfTI volume, read once, to PNG/JPG images"
+    opts,rows = volume_options(volume),[]
+    bad = lambda why, frame=0: dict(file=str(file), frame=frame, output='', ok=False, reason=why)
+    try:
+        for r in volume_slices(file, window, opts):
+            img = r['image'] if size is None else resize_slice(r['image'], size)
+            v = r['volume']  # the 4-D volume's index ('all' for a 3-D file read with volume='all')
+            t = f'_t{int(v):04d}' if isinstance(v, (int, np.integer)) and (opts.volume == 'all' or v) else ''
+            dest = Path(f"{prefix}_{r['axis']}{t}_s{r['slice']:04d}{ext}")
+            row = dict(file=str(file), frame=r['frame'], output='', ok=False, reason='', modality=r['modality'],
+                       series_uid=r['series_uid'], instance=None, position=r['position'], axis=r['axis'],
+                       nonfinite=r['nonfinite'], window_used=r['window_used'])
+            if skip_blank and is_blank(img): row['reason'] = f'blank ({blank_fraction(img):.0%} background)'
+            elif write_atomic(dest, lambda p: save_slice(img, p, bits), overwrite=overwrite): row.update(output=str(dest), ok=True)
+            else: row['reason'] = 'output exists (pass overwrite=True to replace it)'
+            rows.append(row)
+    except InputError as e: rows.append(bad(e.reason, rows[-1]['frame'] + 1 if rows else 0))
+    except Exception as e: rows.append(bad(f'{type(e).__name__}: {e}', rows[-1]['frame'] + 1 if rows else 0))
+    return rows
+
+def _convert_volume_job(job, **kwargs): return convert_volume(*job, **kwargs)  # (file, prefix) items for `parallel`
+
+# %% ../nbs/01d_convert.ipynb #c1d0e106
+def _split_source(src, seg_rule)->tuple:
+    "(NIfTI images, their segmentations, what `scan` should read) of a source; the volumes' JSON sidecars left out"
+    p = Path(src) if isinstance(src, (str, os.PathLike)) else None
+    files = sorted(walk_files(str(p))) if p is not None and p.is_dir() else [str(p)] if p is not None else [str(f) for f in src]
+    if not any(is_nifti(f) for f in files): return [], [], src  # DICOM only: `scan` reads it as before
+    side = {str(Path(f).with_name(nifti_stem(f) + '.json')) for f in files if is_nifti(f)}
+    vols,segs = split_segmentations([f for f in files if is_nifti(f)], seg_rule)
+    return vols, segs, [f for f in files if not is_nifti(f) and f not in side]
+
+def _volume_prefixes(vols, root, keep_tree, taken)->list:
+    "Unique output prefixes (relative to the destination) of NIfTI volumes: their name stems, `_2`... on a clash"
+    out = []
+    for f in vols:
+        try: rel = Path(f).resolve().relative_to(root)
+        except ValueError: rel = Path(Path(f).name)
+        base = rel.parent/nifti_stem(rel) if keep_tree else Path('_'.join([*rel.parent.parts, nifti_stem(rel)]))
+        k,n = 1,base
+        while str(n) in taken: k += 1; n = base.with_name(f'{base.name}_{k}')
+        taken.add(str(n)); out.append(n)
+    return out
+
 # %% ../nbs/01d_convert.ipynb #85e20486
-def convert_folder(src, # a folder of DICOM files, a file, or a list of files
+def convert_folder(src, # a folder of DICOM files and/or NIfTI volumes, a file, or a list of files
                    dst, # destination folder (created)
                    fmt:str='png', # 'png' or 'jpg'
                    bits:int=8, # 8 or 16 (PNG only)
-                   window='auto', # preset name, (center, width), 'file' or 'auto' (see `resolve_window`)
+                   window='auto', # preset name, (center, width), 'file' or 'auto' (see `resolve_window`; NIfTI: presets for CT)
                    size=None, # resize to int (square) or (height, width); None keeps each slice's size
                    skip_blank:bool=False, # leave out slices that are mostly background (`is_blank`)
                    keep_tree:bool=False, # mirror src's sub-folders instead of joining them into the name
                    overwrite:bool=False, # replace existing outputs
                    progress:bool=True, # show progress bars
                    n_workers:int|None=None, # worker processes (default: CPU count; 0 works in this process)
+                   volume:VolumeOptions|dict|None=None, # how NIfTI volumes are sliced (see `volumes.VolumeOptions`)
                   )->pd.DataFrame: # the report: one row per input slice, also written to `dst` (`write_report`; its path in `.attrs['path']`)
-    "Convert the DICOM slices under `src` to PNG/JPG images in `dst`, with a report of every input"
+    "Convert the DICOM slices and NIfTI volumes under `src` to PNG/JPG images in `dst`, with a report of every input"
     from fastcore.parallel import parallel
     fmt = {'jpeg': 'jpg'}.get(fmt.lower().lstrip('.'), fmt.lower().lstrip('.'))
     if fmt not in ('png', 'jpg'): raise ValueError(f"fmt must be 'png' or 'jpg', not {fmt!r}")
     if bits not in (8, 16) or (bits == 16 and fmt != 'png'): raise ValueError("bits must be 8, or 16 with fmt='png'")
     if isinstance(window, str) and window not in ('auto', 'file'): resolve_window(window)  # fail early on a misspelt preset
     if isinstance(src, (str, os.PathLike)) and not Path(src).exists(): raise SourceError(src, 'no such file or folder')
-    dst = Path(dst).resolve()
-    index = scan(src, n_workers=n_workers, progress=progress)
-    if not len(index): raise SourceError(src, 'no files found')
+    opts,dst = volume_options(volume),Path(dst).resolve()
+    vols,segs,dicoms = _split_source(src, opts.seg_rule)
+    index = scan(dicoms, n_workers=n_workers, progress=progress)
+    if not len(index) and not vols: raise SourceError(src, 'no files found')
     roots = [Path(src)] if isinstance(src, (str, os.PathLike)) else [Path(f).parent for f in src]
     root = Path(os.path.commonpath([str(r.resolve()) for r in roots])) if roots else Path('.')
     if root.is_file(): root = root.parent
@@ -124,6 +184,16 @@ def convert_folder(src, # a folder of DICOM files, a file, or a list of files
     output,reason = [''] * len(index),list(index.reason)
     for i,(o,why) in zip(todo, (r for rs in res for r in rs)): output[i],reason[i] = (str(Path(o).relative_to(dst)) if o else ''),why
     report = index.assign(output=output, reason=reason, ok=[bool(o) for o in output])[REPORT_COLUMNS]
+    if vols or segs:  # one job per volume: a worker holds one volume at a time
+        prefixes = _volume_prefixes(vols, root, keep_tree, {str(n.with_suffix('')) for n in seen})
+        vres = parallel(_convert_volume_job, [(f, dst/p) for f,p in zip(vols, prefixes)], window=window, size=size, bits=bits,
+                        skip_blank=skip_blank, overwrite=overwrite, volume=opts, ext='.' + fmt,
+                        n_workers=workers if len(vols) >= 2 else 0, progress=progress and len(vols) > 1)
+        vrows = [r for rs in vres for r in rs] + [dict(file=f, frame=0, output='', ok=False,
+                 reason='a segmentation (the labels of an image beside it), not converted') for f in segs]
+        vrep = pd.DataFrame(vrows, columns=REPORT_COLUMNS + VOLUME_COLUMNS)
+        vrep['output'] = [str(Path(o).relative_to(dst)) if o else '' for o in vrep.output]
+        report = pd.concat([report.assign(**{c: None for c in VOLUME_COLUMNS}), vrep], ignore_index=True) if len(report) else vrep
     report.attrs['path'] = write_report(report, dst, overwrite)
     return report
 

@@ -14,6 +14,7 @@ from torch import nn
 from fastcore.basics import patch
 from .dicom import InputError, parse_window
 from .series import SourceError
+from .volumes import VolumeOptions, VOLUME_FLAGS, volume_flags, options_key
 from .persist import model_file, load_generator, write_atomic
 from .slices import prepare, blank_mask, default_cache_dir
 from .metrics import image_batch, copy_similarity, memorisation_audit, MemorisationAudit
@@ -32,9 +33,16 @@ def _run_config(f:Path)->tuple:
         if (d/'config.json').is_file(): return d, json.loads((d/'config.json').read_text())
     return None, None
 
+def _recorded_volume(cfg:dict|None, g)->dict|None:
+    "The NIfTI `VolumeOptions` fields a model trained with: its record (`volume`), else its run's recipe options, else None"
+    v = (cfg or {}).get('volume') or (getattr(g, 'info', None) or {}).get('volume')
+    if v or not cfg or 'axis' not in cfg: return v or None
+    # a run's config.json holds the recipe's NIfTI options as flags (`volumes.VOLUME_FLAGS`)
+    return options_key(VolumeOptions(**volume_flags(**{k: cfg[k] for k in VOLUME_FLAGS if k in cfg})))
+
 def training_record(model, # a run folder, generator file or checkpoint (see `load_generator`), or a loaded generator
                     g:nn.Module|None=None, # the generator loaded from `model`, if at hand
-                   )->dict|None: # source (None: the demo series), size, window, skip_blank, label, run folder; None: nothing recorded
+                   )->dict|None: # source (None: the demo series), size, window, skip_blank, label, volume (NIfTI slicing), run folder; None: nothing recorded
     "How the slices `model` trained on were made: its run's `config.json`, else what its generator file records"
     run = cfg = None
     if isinstance(model, nn.Module): g = model
@@ -50,7 +58,7 @@ def training_record(model, # a run folder, generator file or checkpoint (see `lo
         if str(src) == 'demo' or str(src).startswith('demo:'): src = None
     size = info.get('size') or getattr(g, 'size', None) or 64
     return dict(source=src, size=int(size), window=str(info.get('window') or 'auto'), skip_blank=bool(info.get('skip_blank', True)),
-                label=info.get('label'), run=run)
+                label=info.get('label'), volume=_recorded_volume(cfg, g), run=run)
 
 # %% ../nbs/08c_privacy.ipynb #c8f2bfe7
 def _demo_folder()->Path:
@@ -73,7 +81,7 @@ def training_slices(record:dict, # from `training_record`
                                         'for near-copies; pass --training-data with its new place, or --no-privacy-filter')
     label = record.get('label')
     try: cache = prepare(folder, size=record['size'], window=parse_window(record['window']), cache_dir=cache_dir, progress=progress,
-                         tags=[label] if label and label != 'folder' else None)
+                         tags=[label] if label and label != 'folder' else None, volume=record.get('volume'))
     except SourceError as e: raise TrainingDataError(folder, e.reason) from None
     if not len(cache): raise TrainingDataError(folder, 'no slice of the training data could be read')
     keep = ~blank_mask(cache, progress=progress) if record['skip_blank'] else np.ones(len(cache), bool)
@@ -154,7 +162,8 @@ def from_model(cls:PrivacyFilter, model, # a run folder, generator file or check
         if source is None: return None
         g = model if isinstance(model, nn.Module) else g if g is not None else load_generator(model, 'cpu')
         info = getattr(g, 'info', None) or {}
-        rec = dict(source=source, size=g.size, window=str(info.get('window') or 'auto'), skip_blank=bool(info.get('skip_blank', True)))
+        rec = dict(source=source, size=g.size, window=str(info.get('window') or 'auto'), skip_blank=bool(info.get('skip_blank', True)),
+                   volume=info.get('volume'))
     t = training_slices(rec, source, cache_dir)
     return cls(t.images, t.groups, rows=t.rows, name=t.name, key=t.key, calibration_file=t.calibration_file, **kwargs)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated
 from fastai.torch_core import num_distrib, rank_distrib
 from .dicom import InputError, parse_window, resolve_window
-from .volumes import VolumeOptions, options_key
+from .volumes import VolumeOptions, OptionError, options_key, volume_flags, VOLUME_FLAGS
 from .persist import *
 from .card import write_model_card
 from .data import gan_dls
@@ -94,26 +94,8 @@ class RecipeError(InputError):
 
 def recipe_volume(recipe, # a `Recipe` (or anything with its NIfTI options as attributes)
                  )->dict: # the `volumes.VolumeOptions` fields, as JSON values
-    "How the recipe's NIfTI sources are sliced, checked"
-    r = recipe
-    def text_list(v): return None if v is None or str(v).strip() == '' else [s.strip() for s in str(v).split(',') if s.strip()]
-    try:
-        pcts = r.percentiles if isinstance(r.percentiles, (list, tuple)) else [float(v) for v in text_list(r.percentiles)]
-        if len(pcts) != 2: raise ValueError(f'{r.percentiles!r}: give two percentiles, LOW,HIGH')
-    except (TypeError, ValueError) as e: raise RecipeError('--percentiles', str(e)) from None
-    vol = r.nifti_volume
-    if not isinstance(vol, int): vol = 'all' if str(vol).strip().lower() == 'all' else (int(vol) if str(vol).strip().isdigit() else vol)
-    rule = r.seg_rule
-    if isinstance(rule, str) and '=' in rule: rule = tuple(rule.split('=', 1))
-    labels = r.seg_labels if isinstance(r.seg_labels, (list, tuple)) or r.seg_labels is None else text_list(r.seg_labels)
-    try: labels = None if labels is None else [int(v) for v in labels]
-    except ValueError: raise RecipeError('--seg-labels', f'{r.seg_labels!r}: give label values as integers, e.g. 1,2,4') from None
-    for flag,kw in (('--axis', dict(axis=r.axis)), ('--nifti-volume', dict(volume=vol)), ('--central-fraction', dict(central_fraction=float(r.central_fraction))),
-                    ('--percentiles', dict(percentiles=tuple(pcts))), ('--seg-rule', dict(seg_rule=rule))):
-        try: VolumeOptions(**kw)
-        except (TypeError, ValueError) as e: raise RecipeError(flag, str(e)) from None
-    return options_key(VolumeOptions(axis=r.axis, volume=vol, central_fraction=float(r.central_fraction), percentiles=tuple(pcts),
-                                     modality=r.modality or None, seg_rule=rule, seg_labels=labels))
+    "How the recipe's NIfTI sources are sliced, checked (a bad option raises `volumes.OptionError` naming its flag)"
+    return options_key(VolumeOptions(**volume_flags(**{k: getattr(recipe, k) for k in VOLUME_FLAGS})))
 
 # %% ../nbs/06c_run.ipynb #r0000010
 def _resolved(self:Recipe)->Recipe:

@@ -203,7 +203,8 @@ def labelled_slices(source, # DICOM/PNG/JPG folder, list of files or `scan` Data
     from medgan_fastai.data import gan_dls
     info = getattr(G, 'info', {}) or {}
     dls = gan_dls(source, size=G.size, window=parse_window(str(info.get('window') or 'auto')), bs=2, label=label, label_map=label_map,
-                  skip_blank=bool(info.get('skip_blank', True)), cache_dir=cache_dir, progress=False, verbose=False)
+                  skip_blank=bool(info.get('skip_blank', True)), cache_dir=cache_dir, progress=False, verbose=False,
+                  volume=info.get('volume'))  # NIfTI: cut as in training
     idx, names = list(dls.train_ds.items), list(dls.items['label'])  # the same order: nothing is held out for validation
     def known_class(name):
         try: return label_index(G, str(name))

@@ -14,10 +14,10 @@ import numpy as np
 from .dicom import *
 
 # %% auto #0
-__all__ = ['NIFTI_SUFFIXES', 'SLICE_AXES', 'SEG_RULES', 'is_nifti', 'nifti_stem', 'VolumeError', 'VolumeOptions',
-           'volume_options', 'options_key', 'segmentation_path', 'split_segmentations', 'volume_subject', 'sidecar',
-           'looks_like_ct', 'volume_window', 'display_plane', 'square_pixels', 'Volume', 'load_volume', 'volume_slices',
-           'read_volume_slice']
+__all__ = ['NIFTI_SUFFIXES', 'SLICE_AXES', 'SEG_RULES', 'VOLUME_FLAGS', 'is_nifti', 'nifti_stem', 'VolumeError', 'VolumeOptions',
+           'volume_options', 'options_key', 'OptionError', 'volume_flags', 'segmentation_path', 'split_segmentations',
+           'volume_subject', 'sidecar', 'looks_like_ct', 'volume_window', 'display_plane', 'square_pixels', 'Volume',
+           'load_volume', 'volume_slices', 'read_volume_slice']
 
 # %% ../nbs/00c_volumes.ipynb #b0c1a008
 NIFTI_SUFFIXES = ('.nii', '.nii.gz')
@@ -84,6 +84,48 @@ def volume_options(opts=None, # None, a `VolumeOptions`, or a dict of its fields
 def options_key(opts:VolumeOptions)->dict:
     "The options as plain JSON values (for cache keys and `config.json`)"
     return json.loads(json.dumps(asdict(opts)))
+
+# %% ../nbs/00c_volumes.ipynb #4f835a75
+class OptionError(InputError):
+    "An option value that cannot be used: `path` names the option (as its command-line flag), `reason` says why"
+
+VOLUME_FLAGS = dict(axis='axis', nifti_volume='volume', central_fraction='central_fraction', percentiles='percentiles',
+                    modality='modality', seg_rule='seg_rule', seg_labels='seg_labels')  # flag name -> `VolumeOptions` field
+
+def _numbers(text, kind=float)->list: return [kind(s) for s in str(text).split(',') if s.strip()]
+
+def volume_flags(axis:str|None=None, # axial, coronal or sagittal
+                 nifti_volume:str|int|None=None, # index of the volume of 4-D files, or all
+                 central_fraction:float|str|None=None, # keep this central fraction of the slices along the axis
+                 percentiles:str|tuple|None=None, # 'LO,HI' (or a pair) of the automatic window
+                 modality:str|None=None, # CT, another (MR, PT, ...), or auto (the JSON sidecar's, else guessed)
+                 seg_rule:str|tuple|None=None, # brats, or 'REGEX=REPLACEMENT' on the name stem
+                 seg_labels:str|list|None=None, # label values, e.g. '1,2,4'
+                )->dict: # the `VolumeOptions` fields of the flags given (None: not given)
+    "NIfTI options given as command-line text, checked and as `VolumeOptions` fields; a bad one raises `OptionError` naming its flag"
+    given = {k: v for k,v in locals().items() if v is not None}
+    out = {}
+    for k,v in given.items():
+        flag = '--' + k.replace('_', '-')
+        try:
+            if k == 'axis': v = str(v).strip().lower()  # 'Sagittal' on a command line means sagittal
+            elif k == 'nifti_volume':
+                if str(v).strip().lower() != 'all' and not str(v).strip().isdigit(): raise ValueError(f'{v!r}: an index (0, 1, ...) or all')
+                v = 'all' if str(v).strip().lower() == 'all' else int(v)
+            elif k == 'central_fraction': v = float(v)
+            elif k == 'percentiles':
+                try: v = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else tuple(_numbers(v))
+                except ValueError: v = ()
+                if len(v) != 2: raise ValueError(f'{given[k]!r}: two numbers LO,HI such as 0.5,99.5')
+            elif k == 'modality': v = None if str(v).strip().lower() in ('auto', '') else str(v).upper()
+            elif k == 'seg_rule' and isinstance(v, str) and '=' in v: v = tuple(v.split('=', 1))
+            elif k == 'seg_labels':
+                try: v = [int(x) for x in v] if isinstance(v, (list, tuple)) else _numbers(v, int)
+                except ValueError: raise ValueError(f'{given[k]!r}: label values as integers, e.g. 1,2,4') from None
+            opts = VolumeOptions(**{VOLUME_FLAGS[k]: v})  # the options' own checks say what they take
+        except (TypeError, ValueError) as e: raise OptionError(flag, str(e)) from None  # the message shows the value
+        out[VOLUME_FLAGS[k]] = options_key(opts)[VOLUME_FLAGS[k]]
+    return out
 
 # %% ../nbs/00c_volumes.ipynb #b0c1a024
 def _rule(rule)->tuple: return SEG_RULES[rule] if isinstance(rule, str) else tuple(rule)

@@ -179,3 +179,25 @@ def test_generate_units_hu(env, tmp_path):
     r = _run([MEDGAN, 'generate', 'demo', '-n', '1', '--format', 'dicom', '--units', 'hu', '--out', str(tmp_path/'no'),
               '--no-privacy-filter'], env, check=False)
     assert r.returncode == 1 and '--units hu needs a model trained on CT' in r.stderr and not (tmp_path/'no').exists()
+
+def test_evaluate_a_nifti_source_sliced_as_the_model_records_or_the_flags_say(shared_data, env, tmp_path, monkeypatch):
+    "NIfTI SOURCE: the model's recorded `volume` options make the real slices; a flag given explicitly wins over them"
+    import json
+    from medgan_fastai.persist import load_generator, save_generator
+    from medgan_fastai.cli import main
+    monkeypatch.setenv('MEDGAN_CACHE', env['MEDGAN_CACHE'])
+    nii = str(shared_data/'nifti'/'mr-t1-sag_HFS.nii.gz')  # 35 sagittal slices of 256x256: 256 axial ones
+    g = load_generator('demo', device='cpu')
+    plain, rec = tmp_path/'plain', tmp_path/'rec'
+    save_generator(g, plain/'generator.pth', window='auto', size=g.size, skip_blank=True)
+    save_generator(g, rec/'generator.pth', window='auto', size=g.size, skip_blank=True, volume=dict(axis='sagittal'))
+    args = ['--metrics', 'swd', '-n', '64', '--n-boot', '0', '--no-floor', '--overwrite']
+    n_real = lambda run: json.loads((run/'metrics.json').read_text())['n_real']
+    main(['evaluate', str(plain), str(rec), nii, *args])
+    assert n_real(plain) == 64 and 20 <= n_real(rec) <= 35  # no record: axial (the default); recorded: sagittal
+    main(['evaluate', str(plain), nii, '--axis', 'sagittal', *args])
+    assert n_real(plain) == n_real(rec)  # the flag supplies what the model does not record
+    main(['evaluate', str(rec), nii, '--axis', 'axial', *args])
+    assert n_real(rec) == 64  # the flag wins over the record
+    with pytest.raises(SystemExit) as e: main(['evaluate', str(rec), nii, '--axis', 'oblique', *args])
+    assert str(e.value.code).startswith("medgan evaluate: --axis: axis 'oblique'")

@@ -14,12 +14,14 @@ from test_dicom import truncated_copies, _all_package_files
 
 def test_convert_shared_data_png(shared_data, tmp_path):
     rep = convert_folder(shared_data, tmp_path, size=64, progress=False)
-    assert rep.ok.sum() == 168 and set(rep.reason[~rep.ok].str[:16]) == {'not a DICOM file'}
+    dicom, nifti = rep[~rep.file.str.contains(r'\.nii')], rep[rep.file.str.contains(r'\.nii')]  # nifti/: the same scans as volumes
+    assert dicom.ok.sum() == 168 and set(dicom.reason[~dicom.ok].str[:16]) == {'not a DICOM file'}
+    assert nifti.ok.all() and nifti.file.nunique() == 4 and not rep.file.str.endswith('.json').any()
     assert 'patient' not in rep.columns
     csv = pd.read_csv(tmp_path/'report.csv')
     assert len(csv) == len(rep) and list(csv.columns) == list(rep.columns)
     outs = sorted(tmp_path.glob('*.png'))
-    assert len(outs) == 168 and {o.name for o in outs} == set(rep.output[rep.ok])
+    assert len(outs) == rep.ok.sum() and {o.name for o in outs} == set(rep.output[rep.ok])
     im = Image.open(tmp_path/'ct-head_14.png')
     assert im.mode == 'L' and im.size == (64, 64)
     assert (tmp_path/'mr-t1-sag_HFS_0001_1.3.12.2.1107.5.2.43.67060.2022040715053454597060816.png').exists()
@@ -136,3 +138,86 @@ def test_convert_of_an_empty_folder_says_so(tmp_path):
     (tmp_path/'empty').mkdir()
     with pytest.raises(SourceError, match='no files found'): convert_folder(tmp_path/'empty', tmp_path/'out', progress=False)
     assert not (tmp_path/'out'/'report.csv').exists()
+
+# NIfTI volumes (issue #17): converted a volume at a time, one report row per slice
+from medgan_fastai.volumes import volume_slices, VolumeOptions
+
+def _png(path): return np.asarray(Image.open(path), dtype=np.float32)
+
+def test_nifti_mr_sagittal_pngs_are_the_volume_slices_resized(shared_data, tmp_path):
+    nii = shared_data/'nifti'/'mr-t1-sag_HFS.nii.gz'
+    rep = convert_folder(nii, tmp_path, size=64, bits=16, volume=dict(axis='sagittal'), progress=False)
+    ref = list(volume_slices(nii, 'auto', VolumeOptions(axis='sagittal')))
+    assert len(rep) == len(ref) == 35 and rep.ok.all() and list(rep.frame) == list(range(35))
+    assert list(rep.output) == [f'mr-t1-sag_HFS_sagittal_s{k:04d}.png' for k in range(35)]
+    assert (rep.axis == 'sagittal').all() and (rep.nonfinite == 0).all() and rep.position.is_monotonic_increasing
+    for r, o in zip(ref, rep.output):
+        x = _png(tmp_path/o) / 65535
+        assert x.shape == (64, 64) and np.abs(x - resize_slice(r['image'], 64)).max() <= 1 / 65535 + 1e-6
+    assert pd.read_csv(rep.attrs['path']).window_used.nunique() == 1  # one window for the whole volume
+
+def test_nifti_ct_axial_brain_window(shared_data, tmp_path):
+    nii = shared_data/'nifti'/'ct-head.nii.gz'
+    rep = convert_folder(nii, tmp_path, size=128, window='brain', progress=False)  # axial is the default plane
+    ref = list(volume_slices(nii, 'brain'))
+    assert len(rep) == len(ref) == 28 and rep.ok.all() and (rep.modality == 'CT').all() and (rep.window_used == 'C40/W80').all()
+    for r, o in zip(ref, rep.output):
+        assert o.startswith('ct-head_axial_s') and np.abs(_png(tmp_path/o) / 255 - resize_slice(r['image'], 128)).max() <= 0.5 / 255 + 1e-6
+    mid = _png(tmp_path/rep.output[14]) / 255
+    assert mid[:4, :4].max() == 0  # air, as the DICOM path gives it
+    centre = mid[48:80, 48:80]
+    assert 0.2 < np.median(centre) < 0.8  # brain is mid-grey in the brain window
+
+def test_a_folder_of_good_and_bad_volumes_and_dicom(shared_data, ct_dir, tmp_path):
+    import shutil
+    src = tmp_path/'src'; src.mkdir()
+    nii = shared_data/'nifti'/'mr-t1-sag_HFS.nii.gz'
+    shutil.copy(nii, src); shutil.copy(nii.with_suffix('').with_suffix('.json'), src)
+    (src/'truncated.nii.gz').write_bytes(nii.read_bytes()[:len(nii.read_bytes()) // 2])
+    dcm = sorted(ct_dir.glob('*.dcm'))[0] if list(ct_dir.glob('*.dcm')) else sorted(p for p in ct_dir.iterdir() if p.name != 'LICENSE')[0]
+    shutil.copy(dcm, src/'ct.dcm')
+    rep = convert_folder(src, tmp_path/'out', size=32, volume=dict(axis='sagittal'), progress=False, n_workers=2)
+    assert rep.ok.sum() == 36 and len(list((tmp_path/'out').glob('*.png'))) == 36  # 35 MR slices and the CT slice
+    bad = rep[rep.file.str.endswith('truncated.nii.gz')]
+    assert len(bad) == 1 and not bad.ok.iloc[0] and 'truncated or corrupt' in bad.reason.iloc[0]
+    assert not rep.file.str.endswith('.json').any()  # the sidecar belongs to its volume
+    assert 'truncated.nii.gz' in (tmp_path/'out'/'report.csv').read_text()
+    # a second run without overwrite writes nothing and says so for every slice
+    again = convert_folder(src, tmp_path/'out', size=32, volume=dict(axis='sagittal'), progress=False, n_workers=0)
+    assert again.ok.sum() == 0 and (again.reason == 'output exists (pass overwrite=True to replace it)').sum() == 36
+
+def test_4d_volumes_and_name_clashes(tmp_path):
+    import nibabel as nib
+    rng = np.random.default_rng(0)
+    src = tmp_path/'src'; src.mkdir()
+    data = rng.uniform(0, 100, (12, 10, 3, 2)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([1., 1., 2., 1.])), src/'a.nii.gz')
+    nib.save(nib.Nifti1Image(data[..., 0], np.eye(4)), src/'a.nii')  # same stem: its names must not collide
+    rep = convert_folder(src, tmp_path/'out', volume=dict(volume='all'), progress=False, n_workers=0)
+    assert rep.ok.all() and len(rep) == 3 * 2 + 3 and rep.output.is_unique
+    assert list(rep[rep.file.str.endswith('.nii')].output) == ['a_axial_s0000.png', 'a_axial_s0001.png', 'a_axial_s0002.png']
+    assert {'a_2_axial_t0000_s0000.png', 'a_2_axial_t0001_s0002.png'} <= set(rep.output)  # a.nii.gz comes second: `_2`
+    assert list(rep[rep.file.str.endswith('.nii.gz')].frame) == list(range(6))  # slice + t * slices
+    one = convert_folder(src/'a.nii.gz', tmp_path/'one', volume=dict(volume=1), progress=False)
+    assert list(one.output) == [f'a_axial_t0001_s{k:04d}.png' for k in range(3)]
+
+def test_cli_convert_nifti_flags(shared_data, tmp_path, capsys):
+    nii = str(shared_data/'nifti'/'mr-t1-sag_HFS.nii.gz')
+    assert main(['convert', nii, str(tmp_path/'a'), '--axis', 'sagittal', '--central-fraction', '0.5', '--percentiles', '1,99',
+                 '--modality', 'MR', '--size', '32']) is None
+    rep = pd.read_csv(tmp_path/'a'/'report.csv')
+    assert 'converted 18 of 18 input slices' in capsys.readouterr().out and list(rep.frame) == list(range(8, 26))  # the central 18 of 35
+    default = list(volume_slices(nii, 'auto', VolumeOptions(axis='sagittal')))[0]['window_used']
+    assert rep.window_used.iloc[0] != default  # the percentiles were used
+    for flags, msg in ((['--axis', 'oblique'], "axis 'oblique'"), (['--nifti-volume', 'x'], "'x'"),
+                       (['--percentiles', '5'], "'5'"), (['--central-fraction', '2'], 'central_fraction 2'),
+                       (['--percentiles', '90,10'], 'percentiles')):
+        with pytest.raises(SystemExit) as e: main(['convert', nii, str(tmp_path/'b'), *flags])
+        line = str(e.value.code)  # one line naming the flag and what is wrong with its value
+        assert line.startswith(f'medgan convert: {flags[0]}: ') and msg in line and '\n' not in line, line
+    assert not (tmp_path/'b').exists()
+    with pytest.raises(SystemExit) as e: main(['convert', '--help'])
+    assert e.value.code == 0
+    helptext = ' '.join(capsys.readouterr().out.split())
+    for flag in ('--axis', '--nifti-volume', '--central-fraction', '--percentiles', '--modality'): assert flag in helptext
+    assert helptext.count('NIfTI') >= 5

@@ -150,3 +150,34 @@ def test_app_needs_the_training_data_it_records(tmp_path):
     assert app.privacy_note(0) == 'privacy filter off: turned off' and app.export(0)
     ids = {getattr(b, 'elem_id', None) for b in build_app(app).blocks.values()}
     assert {'privacy', 'grid-privacy'} <= ids
+
+def test_nifti_training_slices_are_cut_as_the_model_records(shared_data, cache, tmp_path):
+    "A model trained on NIfTI records its `volume` options: the filter rebuilds the same slices (sagittal here, not the default axial)"
+    from medgan_fastai.data import gan_dls
+    nii = shared_data/'nifti'/'mr-t1-sag_HFS.nii.gz'  # 35 sagittal slices of 256x256: 256 axial ones
+    def model(folder, **info):
+        folder.mkdir()
+        torch.manual_seed(0)
+        save_generator(DCGANGenerator(32, z_dim=100, ngf=8), folder/'generator.pth', window='auto', size=32, skip_blank=True, **info)
+        return folder
+    sag, ax = model(tmp_path/'sag', source=str(nii), volume=dict(axis='sagittal')), model(tmp_path/'ax', source=str(nii))
+    rec = training_record(sag)
+    assert rec['volume'] == {'axis': 'sagittal'} and training_record(ax)['volume'] is None
+    s, a = training_slices(rec, progress=False), training_slices(training_record(ax), progress=False)
+    dls = gan_dls(nii, size=32, window='auto', skip_blank=True, volume=dict(axis='sagittal'), bs=8, verbose=False)
+    assert len(s.images) == len(dls.train_ds) + len(dls.valid_ds) and 20 <= len(s.images) <= 35 and len(a.images) > 100
+    assert len(PrivacyFilter.from_model(sag).train) == len(s.images)
+    # a model that records its options but not its data: the source given, the options its own
+    moved = model(tmp_path/'moved', volume=dict(axis='sagittal'))
+    assert training_record(moved) is None and len(PrivacyFilter.from_model(moved, source=nii).train) == len(s.images)
+
+def test_a_nifti_run_folder_is_sliced_as_its_recipe_says(shared_data, cache, tmp_path):
+    "A run folder's config.json holds the recipe's NIfTI options (--axis ...): the filter slices the volumes the same way"
+    from medgan_fastai.run import Recipe
+    nii = shared_data/'nifti'/'mr-t1-sag_HFS.nii.gz'
+    run = tmp_path/'sag'
+    run.mkdir()
+    Recipe(source=str(nii), size=32, axis='sagittal').resolved().to_json(run/'config.json')
+    save_generator(DCGANGenerator(32, z_dim=100, ngf=8), run/'generator.pth', source=str(nii), window='auto', size=32, skip_blank=True)
+    rec = training_record(run)
+    assert rec['volume']['axis'] == 'sagittal' and 20 <= len(training_slices(rec, progress=False).images) <= 35
