@@ -5,8 +5,12 @@
   style:    `medgan train --arch style` defaults (StyleGAN-style nets, non-saturating loss, R1, ADA, EMA; auto-config).
 
 Sets (64 px): `mr` the shared sagittal MR (../shared/data/mr-t1-sag), `ct` the shared head CT in the brain window,
-`mni` the MNI152 demo series (axial), `png` a PNG folder that `medgan convert` makes from the MR. (A NIfTI source
-joins once the volumes module lands.)
+`mni` the MNI152 demo series (axial), `png` a PNG folder that `medgan convert` makes from the MR, `nifti` the dcm2niix
+volume of the MR's HFS series cut coronally (reformatted slices, anisotropic voxels: a plane nothing was tuned on), and
+`mixed` a varied labelled set for conditional training (`--label folder`): four classes from four sources, scanners,
+modalities and planes (MR sagittal, CT axial in the brain window, the MNI template axial, the MR volume coronal), written
+as PNG class folders by `medgan convert` as a user with a multi-source JPG/PNG set would have it. On `mixed` the
+diversity is measured per class (samples of class k against real slices of class k; the table shows the worst class).
 
 Each run trains in its own process through `run.train_run(..., minutes=M)` (the budget covers training, not data
 loading), one after the other, never two at once. Then `--n` samples of each exported generator are scored against the
@@ -18,7 +22,7 @@ set's training slices:
   steps, kimg  critic updates and thousands of real images shown in the budget (`training.json`).
 Prints one table, writes `quality.json` and, per set, the three sample grids side by side (`grids_SET.png`) to `--out`.
 
-usage: python benchmarks/quality.py [--minutes 5 | --long] [--sets mr,ct,mni,png] [--recipes tutorial,dcgan,style]
+usage: python benchmarks/quality.py [--minutes 5 | --long] [--sets mr,ct,mni,png,nifti,mixed] [--recipes tutorial,dcgan,style]
 smoke test: python benchmarks/quality.py --minutes 0.3 --sets mr,ct --n 200
 """
 import argparse, json, os, subprocess, sys, time
@@ -35,6 +39,8 @@ def set_source(name, out:Path)->dict:
     if name == 'mr': return dict(source=str(SHARED/'mr-t1-sag'))
     if name == 'ct': return dict(source=str(SHARED/'ct-head'), window='brain')
     if name == 'mni': return dict(source=None)  # the demo series every install has
+    if name == 'nifti': return dict(source=str(SHARED/'nifti'/'mr-t1-sag_HFS.nii.gz'), axis='coronal', central_fraction=0.7)
+    if name == 'mixed': return dict(source=str(mixed_folder(out)), label='folder')
     if name == 'png':
         dst = out/'png_from_mr'
         if not (dst/'report.csv').exists():
@@ -43,6 +49,21 @@ def set_source(name, out:Path)->dict:
             if r.returncode: sys.exit(f'medgan convert failed:\n{r.stderr[-2000:]}')
         return dict(source=str(dst))
     raise SystemExit(f'unknown set {name!r}: use mr, ct, mni or png')
+
+def mixed_folder(out:Path)->Path:
+    "The four-class PNG folder of the `mixed` set, made once with `medgan convert` (one class per source)"
+    dst = out/'mixed_classes'
+    medgan = str(Path(sys.executable).parent/'medgan')
+    from medgan_fastai.data import demo_series
+    parts = dict(mr_sagittal=[str(SHARED/'mr-t1-sag')], ct_axial=[str(SHARED/'ct-head'), '--window', 'brain'],
+                 mni_axial=[str(demo_series())], mr_coronal=[str(SHARED/'nifti'/'mr-t1-sag_HFS.nii.gz'), '--axis', 'coronal',
+                                                             '--central-fraction', '0.7'])
+    for k, args in parts.items():
+        if (dst/k/'report.csv').exists(): continue
+        r = subprocess.run([medgan, 'convert', args[0], str(dst/k), '--size', str(SIZE), '--skip-blank', *args[1:]],
+                           capture_output=True, text=True)
+        if r.returncode: sys.exit(f'medgan convert {k} failed:\n{r.stderr[-2000:]}')
+    return dst
 
 def child(args):
     import torch
@@ -57,12 +78,41 @@ def child(args):
                           slices=tr['train_slices'])))
 
 def real_slices(set_name, out:Path):
-    "The set's training slices as the runs saw them (same window, size, blank slices left out), in [-1, 1]"
+    "The set's training slices as the runs saw them (same window, size, blank slices left out), in [-1, 1], and their classes"
     from medgan_fastai.data import gan_dls
     from medgan_fastai.dicom import parse_window
     o = set_source(set_name, out)
-    dls = gan_dls(o['source'], size=SIZE, bs=8, window=parse_window(o.get('window', 'auto')), progress=False, verbose=False)
-    return dls.cache.gather(list(dls.train_ds.items)) * 2 - 1
+    dls = gan_dls(o['source'], size=SIZE, bs=8, window=parse_window(o.get('window', 'auto')), progress=False, verbose=False,
+                  volume=dict(axis=o.get('axis', 'axial'), central_fraction=o.get('central_fraction', 1.)))
+    idx = list(dls.train_ds.items)
+    classes = [Path(f).parent.name for f in dls.cache.items.loc[idx, 'file']] if o.get('label') == 'folder' else None
+    return dls.cache.gather(idx) * 2 - 1, classes
+
+def samples(G, n:int, classes):
+    "`n` samples of `G`; for a conditional generator, an equal share of every class, with the class of each"
+    from medgan_fastai.latent import generate
+    if not getattr(G, 'n_classes', 0): return generate(G, list(range(n))), None
+    vocab = [str(v) for v in G.vocab]
+    per = n // len(vocab)
+    import torch
+    return (torch.cat([generate(G, list(range(i * per, (i + 1) * per)), labels=k) for i, k in enumerate(vocab)]),
+            [k for k in vocab for _ in range(per)])
+
+def diversity(fake, fake_classes, real, real_classes, pairs, seed=0)->tuple:
+    "(samples' pair SSIM, real slices' pair SSIM): overall, or for the class whose samples are most alike relative to its real slices"
+    import torch
+    from medgan_fastai.callbacks import pair_ssim, diversity_pairs
+    g = torch.Generator().manual_seed(seed)
+    if real_classes is None:
+        perm = torch.randperm(len(real), generator=g)
+        return pair_ssim(fake[:64], pairs), pair_ssim(real[perm[:64]], diversity_pairs(min(64, len(real)), 1000, seed))
+    worst = None
+    for k in sorted(set(real_classes)):
+        r = real[[i for i, c in enumerate(real_classes) if c == k]][:64]
+        f = fake[[i for i, c in enumerate(fake_classes) if c == k]][:64]
+        d = (pair_ssim(f, diversity_pairs(len(f), 1000, seed)), pair_ssim(r, diversity_pairs(len(r), 1000, seed)))
+        if worst is None or d[0] - d[1] > worst[0] - worst[1]: worst = d
+    return worst
 
 def score(set_name, recipes, args, info):
     import torch
@@ -71,19 +121,19 @@ def score(set_name, recipes, args, info):
     from medgan_fastai.metrics import swd, memorisation_audit
     from medgan_fastai.callbacks import pair_ssim, diversity_pairs
     out = Path(args.out)
-    real = real_slices(set_name, out)
+    real, real_classes = real_slices(set_name, out)
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(real), generator=g)
     floor = swd(real[perm[:len(real) // 2]], real[perm[len(real) // 2:]], seed=0)['swd']
     pairs = diversity_pairs(64, 1000, 0)
-    real_ssim = pair_ssim(real[perm[:64]], diversity_pairs(min(64, len(real)), 1000, 0))
     rows, fakes = [], {}
     for name in recipes:
         G = load_generator(out/set_name/name/'generator.pth', device='cpu')
-        fake = generate(G, list(range(args.n)))
-        fakes[name] = fake
+        fake, fake_classes = samples(G, args.n, real_classes)
+        fakes[name] = fake[torch.randperm(len(fake), generator=torch.Generator().manual_seed(1))] if fake_classes else fake
+        fake_ssim, real_ssim = diversity(fake, fake_classes, real, real_classes, pairs)
         rows.append(dict(set=set_name, recipe=name, swd=swd(real, fake, seed=0)['swd'], floor=floor,
-                         pair_ssim=pair_ssim(fake[:64], pairs), real_pair_ssim=real_ssim,
+                         pair_ssim=fake_ssim, real_pair_ssim=real_ssim,
                          copy_rate=memorisation_audit(fake[:256], real).copy_rate, **info[name]))
     return rows, fakes
 
@@ -110,7 +160,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--minutes', type=float, default=5., help='training budget of each run (default 5)')
     ap.add_argument('--long', action='store_true', help='20-minute runs')
-    ap.add_argument('--sets', default='mr,ct,mni,png')
+    ap.add_argument('--sets', default='mr,ct,mni,png,nifti,mixed')
     ap.add_argument('--recipes', default='tutorial,dcgan,style')
     ap.add_argument('--n', type=int, default=1000, help='samples scored per generator')
     ap.add_argument('--threads', type=int, default=2, help='torch threads of each training process')
