@@ -215,6 +215,19 @@ def test_bad_volumes_are_rows_with_reasons_and_errors_when_read(tmp_path, cache_
     assert dls.one_batch()[1].shape == (8, 1, 16, 16)
     with pytest.raises(VolumeError, match='out of range'): read_slice((src/'good_t1.nii.gz', 99), volume=opts)
 
+def test_medgan_train_on_a_folder_mixing_good_and_bad_volumes(tmp_path, cache_dir, mr_dir, monkeypatch):
+    "`medgan train` on a folder of good and bad volumes and DICOM: one line per kind of bad file, then a trained, exported run"
+    from medgan_fastai.cli import main
+    from medgan_fastai.persist import load_generator
+    src = tmp_path/'mixed'
+    _bad_volumes(src)
+    shutil.copytree(mr_dir/'HFS', src/'dicom')
+    monkeypatch.setenv('MEDGAN_CACHE', str(cache_dir))
+    out = tmp_path/'run'
+    main(['train', str(src), '--out', str(out), '--epochs', '1', '--size', '32', '--bs', '8', '--samples', '4', '--seg-rule', 'brats'])
+    g = load_generator(out)
+    assert g.size == 32 and g.info['volume']['seg_rule'] == 'brats' and (out/'checkpoints'/'epoch_001.pth').exists()
+
 # --- the cache ------------------------------------------------------------------------------------------------------
 
 def test_second_build_reads_no_volume_and_touching_one_invalidates(nifti_dir, tmp_path, cache_dir, monkeypatch):
