@@ -17,9 +17,9 @@ from fastcore.meta import delegates
 from .persist import write_atomic
 
 # %% auto #0
-__all__ = ['MSSSIM_BETAS', 'image_batch', 'laplacian_pyramid', 'swd', 'blobs', 'msssim_setting', 'msssim_diversity',
-           'RandomConvEmbedding', 'image_features', 'precision_recall', 'copy_similarity', 'data_copying_test',
-           'MemorisationAudit', 'save_figure', 'memorisation_audit']
+__all__ = ['MSSSIM_BETAS', 'image_batch', 'laplacian_pyramid', 'swd', 'blobs', 'msssim_setting', 'msssim_pairs',
+           'msssim_diversity', 'RandomConvEmbedding', 'image_features', 'precision_recall', 'copy_similarity',
+           'data_copying_test', 'MemorisationAudit', 'save_figure', 'memorisation_audit']
 
 # %% ../nbs/07a_metrics.ipynb #e8177621
 def image_batch(x, # images: float (n, c, h, w) in [-1, 1], uint8 0..255, or (n, h, w) grayscale
@@ -146,12 +146,12 @@ def msssim_setting(size:int, # the smaller image side in px
     raise ValueError(f'MS-SSIM: images of {size} px are too small (at least 8 px)')
 
 # %% ../nbs/07a_metrics.ipynb #1a32b3a1
-def msssim_diversity(images, # images (n, c, h, w) in [-1, 1], n >= 2
-                     n_pairs:int=1000, # random pairs of different images
-                     seed:int=0, # seeds the pairs
-                     batch_size:int=250, # pairs per torchmetrics call
-                    )->float: # mean MS-SSIM over the pairs: 1 = identical, ~0 = unrelated
-    "Mean MS-SSIM between random pairs of `images`: high values mean little diversity"
+def msssim_pairs(images, # images (n, c, h, w) in [-1, 1], n >= 2
+                 n_pairs:int=1000, # random pairs of different images
+                 seed:int=0, # seeds the pairs
+                 batch_size:int=250, # pairs per torchmetrics call
+                )->torch.Tensor: # `(n_pairs,)` MS-SSIM of each pair
+    "MS-SSIM of each of `n_pairs` seeded random pairs of different images (the bootstrap resamples these)"
     from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
     x = image_batch(images)
     if len(x) < 2: raise ValueError('MS-SSIM diversity needs at least 2 images')
@@ -159,9 +159,16 @@ def msssim_diversity(images, # images (n, c, h, w) in [-1, 1], n >= 2
     i = torch.randint(0, len(x), (n_pairs,), generator=g)
     j = (i + torch.randint(1, len(x), (n_pairs,), generator=g)) % len(x)  # never pairs an image with itself
     setting = msssim_setting(min(x.shape[-2:]))
-    vals = [ms_ssim(x[i[s:s + batch_size]], x[j[s:s + batch_size]], data_range=2., reduction='none', **setting)
-            for s in range(0, n_pairs, batch_size)]
-    return torch.cat(vals).mean().item()
+    return torch.cat([ms_ssim(x[i[s:s + batch_size]], x[j[s:s + batch_size]], data_range=2., reduction='none', **setting)
+                      for s in range(0, n_pairs, batch_size)])
+
+def msssim_diversity(images, # images (n, c, h, w) in [-1, 1], n >= 2
+                     n_pairs:int=1000, # random pairs of different images
+                     seed:int=0, # seeds the pairs
+                     batch_size:int=250, # pairs per torchmetrics call
+                    )->float: # mean MS-SSIM over the pairs: 1 = identical, ~0 = unrelated
+    "Mean MS-SSIM between random pairs of `images`: high values mean little diversity"
+    return msssim_pairs(images, n_pairs, seed, batch_size).mean().item()
 
 # %% ../nbs/07a_metrics.ipynb #5eb80efc
 class RandomConvEmbedding(nn.Module):

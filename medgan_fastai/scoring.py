@@ -196,17 +196,6 @@ def _pr_inside(real, fake, k:int, features)->tuple:
     def inside(ref, q): return (torch.cdist(q, ref) <= radii(ref)[None]).any(1).numpy()
     return inside(fr, ff), inside(ff, fr)
 
-def _msssim_pairs(images, n_pairs:int, seed:int, batch_size:int=250)->torch.Tensor:
-    "MS-SSIM of each of the random pairs `msssim_diversity` draws (their mean is its value), so the bootstrap can resample pairs"
-    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
-    x = image_batch(images)
-    g = torch.Generator().manual_seed(seed)
-    i = torch.randint(0, len(x), (n_pairs,), generator=g)
-    j = (i + torch.randint(1, len(x), (n_pairs,), generator=g)) % len(x)  # never pairs an image with itself
-    setting = msssim_setting(min(x.shape[-2:]))
-    return torch.cat([ms_ssim(x[i[s:s + batch_size]], x[j[s:s + batch_size]], data_range=2., reduction='none', **setting)
-                      for s in range(0, n_pairs, batch_size)])
-
 def _memo_stats(sim, ref_sim, quantile:float)->dict:
     "The audit's numbers from each sample's and each held-out slice's best similarity"
     sim, ref_sim = torch.as_tensor(sim).double(), torch.as_tensor(ref_sim).double()
@@ -221,7 +210,7 @@ def _values(fake, real, metrics, train, groups, seed, n_pairs, features, k, memo
     res, parts = {}, {}
     if 'swd' in metrics: res.update(swd(real, fake, seed=seed))
     if 'msssim' in metrics:
-        parts['msssim'] = (_msssim_pairs(fake, n_pairs, seed), _msssim_pairs(real, n_pairs, seed))
+        parts['msssim'] = (msssim_pairs(fake, n_pairs, seed), msssim_pairs(real, n_pairs, seed))
         res['msssim'], res['msssim_real'] = (p.mean().item() for p in parts['msssim'])
     if 'pr' in metrics:
         parts['pr'] = _pr_inside(real, fake, k, features)
