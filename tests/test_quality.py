@@ -6,7 +6,8 @@ from torch import nn
 from medgan_fastai.run import Recipe, train_run, auto_config
 from medgan_fastai.data import gan_dls
 from medgan_fastai.learner import gan_learner
-from medgan_fastai.callbacks import SampleDiversity, LossChart, TrainingBudget, pair_ssim, diversity_pairs, real_slices_by_class
+from medgan_fastai.callbacks import (SampleDiversity, LossChart, TrainingBudget, GANCheckpoint, pair_ssim, diversity_pairs,
+                                     real_slices_by_class, load_checkpoint)
 from medgan_fastai.persist import load_generator, checkpoint_files, read_checkpoint
 
 MEDGAN = str(Path(sys.executable).parent/'medgan')
@@ -32,6 +33,9 @@ def test_kimg_stops_at_the_images_asked_and_resume_keeps_counting(mr_dir, tmp_pa
     assert load_generator(run/'generator.pth') is not None
     df = pd.read_csv(run/'loss.csv')
     assert df.kimg.iloc[-1] == pytest.approx(st.n_img / 1000) and df.kimg.is_monotonic_increasing
+    # stopped inside its first epoch, before any epoch's measurement: measured at the end, and the unformed samples said
+    assert df.collapse_warning.iloc[-1] == 1 and df.pair_ssim.iloc[-1] > df.real_pair_ssim.iloc[-1] + 0.05
+    assert [l.split(' while')[0] for l in (run/'warnings.txt').read_text().splitlines()] == [f'training ended at epoch 1 ({st.kimg:.2f} kimg)']
     first = st.n_img
     learn = train_run(out=run, resume=True, kimg=0.3)                               # a resume may extend the length
     assert 300 <= learn.gan_state.n_img < 300 + 16
@@ -43,6 +47,8 @@ def test_kimg_stops_at_the_images_asked_and_resume_keeps_counting(mr_dir, tmp_pa
     assert df.kimg.iloc[0] * 1000 == first + 16 and df.epoch.iloc[0] == 1              # the repeated epoch counts on from its images
     learn = train_run(out=run, resume=True)                                          # nothing left: says so, trains nothing
     assert learn.gan_state.n_img == _n_img(run) < 316
+    lines = (run/'warnings.txt').read_text().splitlines()                           # one end-of-fit warning for each fit that trained
+    assert len(lines) == 2 and lines[1].startswith('training ended at epoch 2 (0.30 kimg)')
 
 def test_minutes_ends_with_a_loadable_generator_and_checkpoint_then_resumes(mr_dir, tmp_path, capsys):
     run = tmp_path/'run'
@@ -88,11 +94,69 @@ def test_collapse_is_warned_on_console_in_the_run_folder_and_in_the_csv(mr_dir, 
     assert len(d) == 3 and (d.pair_ssim > 0.99).all() and (d.real_pair_ssim < 0.6).all()
     assert d.collapse_warning.tolist() == [0, 1, 0]
 
-def test_no_warning_during_warmup(mr_dir, tmp_path, capsys):
+SMALL_CRITIC = dict(c_kwargs=dict(ndf=8))  # the critic only has to run: the generators below ignore what it says
+
+def _warnings(out:str)->list: return [l for l in out.splitlines() if l.startswith('warning:')]
+
+def test_margin_rule_waits_for_the_warmup_and_the_end_of_fit_says_it_once(mr_dir, tmp_path, capsys):
+    "64 images, far inside the 5-kimg warm-up and the 1-kimg gross minimum: only the end-of-fit rule speaks, once"
     dls = gan_dls(mr_dir/'HFS', size=32, bs=16, z_dim=16, progress=False, verbose=False)
-    learn = gan_learner(dls, generator=_OneImage(), seed=0, ema=False, path=tmp_path, cbs=[SampleDiversity(n=16, patience=1)])
+    cb = SampleDiversity(n=16, patience=1)
+    learn = gan_learner(dls, generator=_OneImage(), seed=0, ema=False, path=tmp_path, cbs=[cb, LossChart()], **SMALL_CRITIC)
     learn.fit(2)
-    assert 'warning' not in capsys.readouterr().out and not (tmp_path/'warnings.txt').exists()
+    cb.after_fit()                                                                   # a second end of the same fit says nothing more
+    w = _warnings(capsys.readouterr().out)
+    assert len(w) == 1 and w[0].startswith('warning: training ended at epoch 2 (0.06 kimg) while samples were still more alike')
+    lines = (tmp_path/'warnings.txt').read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('training ended at epoch 2')
+    assert [h['collapse_warning'] for h in cb.history] == [0, 0]                      # no epoch rule fired
+    assert pd.read_csv(tmp_path/'loss.csv').dropna(subset=['pair_ssim']).collapse_warning.tolist() == [0, 1]
+
+def test_gross_collapse_is_warned_inside_the_warmup(mr_dir, tmp_path, capsys):
+    "A generator that ignores its noise, 134 slices at bs 16 (128 images an epoch): warned at epoch 8, the first past 1 kimg"
+    dls = gan_dls(mr_dir, size=32, bs=16, z_dim=16, progress=False, verbose=False)
+    learn = gan_learner(dls, generator=_OneImage(), seed=0, ema=False, path=tmp_path, cbs=[SampleDiversity(n=16), LossChart()],
+                        **SMALL_CRITIC)
+    learn.fit(9)                                                                     # 1.15 kimg: a fifth of the warm-up
+    w = _warnings(capsys.readouterr().out)
+    assert len(w) == 1 and w[0].startswith('warning: epoch 8 (1.02 kimg): samples are nearly identical') and 'collapsing' in w[0]
+    lines = (tmp_path/'warnings.txt').read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('epoch 8 (1.02 kimg)')             # and no end-of-fit warning after it
+    d = pd.read_csv(tmp_path/'loss.csv').dropna(subset=['pair_ssim'])
+    assert d.collapse_warning.tolist() == [0] * 7 + [1, 0]
+
+def test_an_unformed_dcgan_is_not_taken_for_a_gross_collapse(mr_dir, tmp_path, capsys):
+    "A healthy DCGAN starts with samples as alike as a collapsed one, but grows more varied: no epoch rule fires in its first kimg"
+    dls = gan_dls(mr_dir, size=32, bs=16, z_dim=16, progress=False, verbose=False)
+    cb = SampleDiversity(n=16)
+    learn = gan_learner(dls, arch='dcgan', seed=0, path=tmp_path, cbs=[cb], g_kwargs=dict(ngf=16), c_kwargs=dict(ndf=16))
+    learn.fit(9)
+    ssim = [h['pair_ssim'] for h in cb.history]
+    assert ssim[0] > 0.95 and ssim[0] - cb.real[0] > 0.6                              # at its start it looks collapsed ...
+    assert min(ssim[-3:]) < 0.9 and ssim[-1] < ssim[0] - 0.2                          # ... and it grows more varied
+    assert [h['collapse_warning'] for h in cb.history] == [0] * 9
+    w = _warnings(capsys.readouterr().out)
+    assert len(w) == 1 and w[0].startswith('warning: training ended at epoch 9') and 'unformed or collapsing' in w[0]
+
+def test_resume_keeps_the_collapse_watch_state(mr_dir, tmp_path):
+    "Stopped after epoch 7 and resumed, the gross rule still fires at epoch 8: its window of measurements came back from the checkpoint"
+    dls = gan_dls(mr_dir, size=32, bs=16, z_dim=16, progress=False, verbose=False)
+    def learner(path):
+        cb = SampleDiversity(n=16)
+        return gan_learner(dls, generator=_OneImage(), seed=0, ema=False, path=path, cbs=[cb, GANCheckpoint(keep=1)], **SMALL_CRITIC), cb
+    learn, first = learner(tmp_path)
+    learn.fit(7)
+    assert [h['collapse_warning'] for h in first.history] == [0] * 7
+    learn, cb = learner(tmp_path)
+    assert load_checkpoint(learn, tmp_path/'checkpoints'/'epoch_007.pth') == 7
+    assert (cb.real, cb.streak, cb.warned, cb.n_img) == (first.real, 0, False, 7 * 128)
+    assert cb.recent == first.recent and len(cb.recent) == 3 and cb.history == first.history
+    learn.fit(8, start_epoch=7)
+    assert [h['collapse_warning'] for h in cb.history] == [0] * 7 + [1] and cb.warned
+    lines = (tmp_path/'warnings.txt').read_text().splitlines()
+    assert lines[0].startswith('training ended at epoch 7') and lines[1].startswith('epoch 8 (1.02 kimg): samples are nearly identical')
+    state = read_checkpoint(tmp_path/'checkpoints'/'epoch_008.pth')['callbacks']['sample_diversity']
+    assert state['warned'] and state['n_img'] == 8 * 128 and len(state['recent']) == 3
 
 def test_conditional_diversity_is_per_class(mr_dir, tmp_path):
     dls = gan_dls(mr_dir, size=32, bs=16, z_dim=16, label='folder', progress=False, verbose=False)
