@@ -13,8 +13,8 @@ from fastcore.script import anno_parser
 from . import __version__
 
 # %% auto #0
-__all__ = ['COMMANDS', 'SHORT_FLAGS', 'info', 'convert', 'train', 'train_parser', 'generate', 'real_slices', 'evaluate', 'serve',
-           'export', 'bad_input', 'main']
+__all__ = ['COMMANDS', 'SHORT_FLAGS', 'info', 'convert', 'train', 'train_parser', 'generate', 'evaluate', 'serve', 'export',
+           'bad_input', 'main']
 
 # %% ../nbs/10_cli.ipynb #64c35510
 def info():
@@ -210,24 +210,6 @@ def generate(model:str, # a run folder, a generator.pth, or a checkpoint
 # %% ../nbs/10_cli.ipynb #f8ceeec8
 _LOWER_IS_BETTER = ('swd', 'fid', 'kid', 'copy_rate', 'msssim')
 
-def real_slices(source, # the real slices' folder, or 'demo'
-                g, # the generator: its size, window and blank-slice rule decide how the slices are made
-                n:int, # at most this many
-                volume:dict|None=None, # NIfTI `VolumeOptions` fields that replace the model's record (`volumes.volume_flags`)
-               )->tuple: # (images (n, c, h, w) in [-1, 1], patient or series id of each)
-    "The real slices a generator is scored against, made the way its training slices were, with their patient (or series) ids"
-    from medgan_fastai.data import gan_dls
-    from medgan_fastai.dicom import parse_window
-    info = getattr(g, 'info', {}) or {}
-    vol = {**(info.get('volume') or {}), **(volume or {})} or None  # NIfTI: sliced as in training, unless a flag says otherwise
-    dls = gan_dls(None if source == 'demo' else source, size=g.size, window=parse_window(str(info.get('window') or 'auto')),
-                  bs=16, skip_blank=bool(info.get('skip_blank', True)), verbose=False, volume=vol)
-    idx = (list(dls.train_ds.items) + list(dls.valid_ds.items))[:n]
-    tab = dls.cache.items
-    # the copy audit holds out whole patients (else series) to learn how close a new patient comes to the others
-    col = next((c for c in ('patient', 'series_uid') if c in tab and tab.loc[idx, c].nunique() > 1), None)
-    return dls.cache.gather(idx) * 2 - 1, (None if col is None else [str(v) for v in tab.loc[idx, col]])
-
 # %% ../nbs/10_cli.ipynb #b2c10e01
 def _labelled_set(source, holdout, g, model, label)->dict:
     "The real labelled slices (and explicit holdout) for `utility_scores`, read with the model's own label rule"
@@ -311,6 +293,7 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
     from medgan_fastai.persist import load_generator, write_atomic
     from medgan_fastai.scoring import METRICS
     from medgan_fastai.card import write_model_card
+    from medgan_fastai.data import training_slices
     from medgan_fastai import latent
     names = [m.strip() for m in metrics.split(',') if m.strip()]
     if bad := [k for k in names if k not in METRICS + ('utility',)]: sys.exit(f'medgan evaluate: unknown metrics {bad}: choose from {METRICS + ("utility",)}')
@@ -320,8 +303,8 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
         g = load_generator(m, device='cpu')
         info = getattr(g, 'info', {}) or {}
         key = (g.size, str(info.get('window') or 'auto'), json.dumps({**(info.get('volume') or {}), **vol}, sort_keys=True))
-        if key not in reals: reals[key] = real_slices(source, g, n, vol)  # the same real set for every model trained the same way
-        real,groups = reals[key]
+        if key not in reals: reals[key] = training_slices(g, source, volume=vol, n=n)  # the same real set for every model trained the same way
+        real,groups = reals[key].images,reals[key].groups  # groups: the copy audit holds out whole patients (else series)
         fake = latent.generate(g, list(range(seed, seed + n)), labels=_seed_labels(g, list(range(n))))
         res,notes,miss = _score_model(m, g, fake, real, groups, names, source, holdout, label, seed, n_boot, floor, inception_weights, utility_sets)
         if miss: failed.append(miss)
@@ -341,7 +324,7 @@ def evaluate(models:Annotated[str, {'nargs': '+'}], # run folders, generator.pth
     df,first = _ranking(rows, intervals)
     if first is not None:
         print(f"\nranked by {first} ({'lower' if first in _LOWER_IS_BETTER else 'higher'} is better), "
-              f"{n} samples each against the same {len(next(iter(reals.values()))[0])} real slices"
+              f"{n} samples each against the same {len(next(iter(reals.values())).images)} real slices"
               + (f'; the real-vs-real floor is {floors[first]:.4g}' if first in floors else '') + ':')
     print(df.to_string())
     if failed: sys.exit(f'medgan evaluate: {failed[0]}')  # one line; the metrics that could be computed are above

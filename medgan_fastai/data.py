@@ -9,24 +9,23 @@ from __future__ import annotations
 import os, shutil
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 import numpy as np, pandas as pd, torch
 from fastcore.basics import store_attr, noop
 from fastai.data.block import DataBlock, TransformBlock, CategoryBlock
 from fastai.data.transforms import IndexSplitter, Normalize
 from fastai.torch_core import TensorImageBW, show_image
-from fastai.vision.gan import generate_noise, InvisibleTensor
 from fastai.data.core import TfmdDL
 from fastai.torch_core import retain_types
-from fastai.vision.augment import Flip
 from fasttransform import Transform
 from .dicom import *
 from .series import SourceError
-from .volumes import VolumeOptions, volume_options
+from .volumes import VolumeOptions, volume_options, is_nifti
 from .slices import *
 
 # %% auto #0
 __all__ = ['IDENTIFYING_TAGS', 'MNI_TEMPLATE', 'DicomSlice', 'Window', 'SliceReader', 'SliceDL', 'DicomBlock', 'LabelError',
-           'check_label', 'gan_dls', 'demo_series']
+           'check_label', 'gan_dls', 'holdout_groups', 'training_slices', 'demo_series']
 
 # %% ../nbs/02b_data.ipynb #39414e23
 class DicomSlice(TensorImageBW):
@@ -70,6 +69,11 @@ class SliceReader(Transform):
         return res
 
 # %% ../nbs/02b_data.ipynb #7e3c5b90
+def _invisible():
+    "fastai's `InvisibleTensor` (the noise half of a GAN batch), imported here: `fastai.vision.gan` brings fastai's `Learner`"
+    from fastai.vision.gan import InvisibleTensor
+    return InvisibleTensor
+
 def _reader(ds)->SliceReader|None:
     "The `SliceReader` of a fastai `Datasets` built with `DicomBlock`, if any"
     if not hasattr(ds, 'tls'): return None
@@ -90,7 +94,7 @@ class SliceDL(TfmdDL):
             if z_shape is None: z_shape = tuple(ds.tls[0][chunk[0]].shape)  # the noise getter's output shape
             real = DicomSlice(r.cache.gather([ds.items[s] for s in chunk]))
             real.window_title = r.title
-            b = (InvisibleTensor(torch.randn(len(chunk), *z_shape)), real)
+            b = (_invisible()(torch.randn(len(chunk), *z_shape)), real)
             # further targets (class labels) go through their own fastai pipelines, item by item
             b += tuple(torch.stack([tl[s] for s in chunk]) for tl in ds.tls[2:])
             yield retain_types(b, (b[0], b[1]) + tuple(tl[chunk[0]] for tl in ds.tls[2:]))
@@ -205,11 +209,52 @@ def check_label(label, # 'folder', a DICOM keyword, or a column name
                                 'carry it into models, file names and exports; pass allow_identifying_label=True '
                                 '(--allow-identifying-label) if that is intended')
 
+# %% ../nbs/02b_data.ipynb #d7a1c3df
+def _files_in_words(files)->str:
+    "How many files and NIfTI volumes `files` names, in words: '140 files', '1 volume', '2 files and 1 volume'"
+    names = set(map(str, files))
+    n_vol = sum(map(is_nifti, names))
+    n_file = len(names) - n_vol
+    n = lambda k, what: f'{k} {what}{"" if k == 1 else "s"}'
+    if n_file and n_vol: return f'{n(n_file, "file")} and {n(n_vol, "volume")}'
+    return n(n_vol, 'volume') if n_vol else n(n_file, 'file')
+
+def _skipped_words(cache:SliceCache)->str:
+    "What of the source the cache could not use, in words: whole files and volumes, and bad slices of ones it did use"
+    sk = cache.skipped.file.astype(str)
+    used = set(cache.items.file.astype(str))
+    whole,part = sk[~sk.isin(used)],sk[sk.isin(used)]
+    parts = [_files_in_words(whole.unique())] if len(whole) or not len(part) else []
+    if len(part): parts.append(f'{len(part)} slice{"" if len(part) == 1 else "s"} of {_files_in_words(part.unique())}')
+    return ', '.join(parts) + ' skipped'
+
+# %% ../nbs/02b_data.ipynb #d7a1c3e2
+def _label_tags(source, label)->list|None:
+    "The DICOM tags the cache must read for `label`: none for 'folder', 'seg', a label CSV or a DataFrame's own column"
+    own_column = isinstance(source, pd.DataFrame) and label in source.columns  # a DataFrame's own column is the label as given
+    return [label] if label and label not in ('folder', 'seg') and not _is_label_csv(label) and not own_column else None
+
+def _check_label_rule(label, allow_identifying:bool, volume)->None:
+    "Refuse a label rule that cannot give classes: an identifying tag (see `check_label`), 'seg' without a segmentation naming rule"
+    check_label(label, allow_identifying)
+    if label == 'seg' and volume_options(volume).seg_rule is None:
+        raise LabelError(label, 'slice classes from segmentations need a naming rule: volume=VolumeOptions(seg_rule="brats") or (regex, replacement)')
+
+def _usable_slices(source, size, window, channels, volume, label, skip_blank:bool, blank_threshold:float, cache_dir, progress:bool)->tuple:
+    "(cache, mask of its slices kept): `source`'s decode-once cache, with the tags `label` needs, and which of its slices are not blank"
+    cache = prepare(source, size=size, window=window, channels=channels, tags=_label_tags(source, label), cache_dir=cache_dir,
+                    progress=progress, volume=volume)
+    if len(cache) == 0:
+        raise SourceError(source, f'no usable slices ({_skipped_words(cache)}: {"; ".join(cache.skipped.reason.astype(str).unique()[:3])})')
+    keep = ~blank_mask(cache, blank_threshold, progress=progress) if skip_blank else np.ones(len(cache), bool)
+    if not keep.any(): keep[:] = True  # all blank: a threshold problem, not a reason to train on nothing
+    return cache, keep
+
 # %% ../nbs/02b_data.ipynb #7b0a0f33
 def _summary(dls, idxs, items, keep, cache, size, window, label, n_unlabelled)->str:
-    "`gan_dls`'s one line: slices used, blank and unlabelled ones left out, files skipped and why"
-    return (f'gan_dls: {len(idxs)} slices {size}x{size} ({window_title(window)}) from {len(set(items.file))} files; '
-            f'{int((~keep).sum())} blank left out; {len(cache.skipped)} files skipped'
+    "`gan_dls`'s one line: slices used, blank and unlabelled ones left out, files, volumes or slices skipped and why"
+    return (f'gan_dls: {len(idxs)} slices {size}x{size} ({window_title(window)}) from {_files_in_words(items.file.unique())}; '
+            f'{int((~keep).sum())} blank left out; {_skipped_words(cache)}'
             + (f'; {len(dls.vocab)} classes ({", ".join(map(str, dls.vocab[:8]))}{", ..." if len(dls.vocab) > 8 else ""})' if label else '')
             + (f'; {n_unlabelled} without a (mapped) label left out' if n_unlabelled else '')
             + (f' ({"; ".join(cache.skipped.reason.astype(str).value_counts().index[:3])})' if len(cache.skipped) else ''))
@@ -237,19 +282,13 @@ def gan_dls(source=None, # DICOM/NIfTI/PNG/JPG folder, list of files, or `scan` 
             volume:VolumeOptions|dict|None=None, # how NIfTI volumes become slices: axis, 4-D volume, central fraction, window percentiles, modality, segmentation labels
            ):
     "fastai `DataLoaders` of `(noise, slice)` batches for GAN training, from a folder, files or a DataFrame"
-    if label: check_label(label, allow_identifying_label)
-    if label == 'seg' and volume_options(volume).seg_rule is None:
-        raise LabelError(label, 'slice classes from segmentations need a naming rule: volume=VolumeOptions(seg_rule="brats") or (regex, replacement)')
+    # here, not at the top: `fastai.vision.gan` brings fastai's `Learner`, `fastai.vision.augment` torchvision (seconds to import),
+    # which reading slices (`training_slices`: the privacy filter of `medgan generate` and the app) does not need
+    from fastai.vision.gan import generate_noise
+    from fastai.vision.augment import Flip
+    if label: _check_label_rule(label, allow_identifying_label, volume)
     if source is None: source = demo_series()
-    # a DataFrame's own column is the label as given; anything else but 'folder', 'seg' and a CSV is a DICOM tag read into the cache
-    own_column = isinstance(source, pd.DataFrame) and label in source.columns
-    tags = [label] if label and label not in ('folder', 'seg') and not _is_label_csv(label) and not own_column else None
-    cache = prepare(source, size=size, window=window, channels=channels, tags=tags, cache_dir=cache_dir, progress=progress, volume=volume)
-    if len(cache) == 0:
-        raise SourceError(source, f'no usable slices ({len(cache.skipped)} files skipped: '
-                                  f'{"; ".join(cache.skipped.reason.astype(str).unique()[:3])})')
-    keep = ~blank_mask(cache, blank_threshold, progress=progress) if skip_blank else np.ones(len(cache), bool)
-    if not keep.any(): keep[:] = True  # all blank: a threshold problem, not a reason to train on nothing
+    cache,keep = _usable_slices(source, size, window, channels, volume, label, skip_blank, blank_threshold, cache_dir, progress)
     idxs = np.flatnonzero(keep)
     items = cache.items.iloc[idxs].reset_index(drop=True)
     n_unlabelled = 0
@@ -267,6 +306,54 @@ def gan_dls(source=None, # DICOM/NIfTI/PNG/JPG folder, list of files, or `scan` 
     dls.cache,dls.items,dls.z_dim = cache,items,z_dim
     if verbose: print(_summary(dls, idxs, items, keep, cache, size, window, label, n_unlabelled))
     return dls
+
+# %% ../nbs/02b_data.ipynb #e4b2f7a1
+def holdout_groups(items:pd.DataFrame, # the slices' rows (their `patient` and `series_uid` columns, where known)
+                   classes=None, # (n,) the class of each slice; patients must then be several in every class
+                  )->list|None: # one id per slice, or None when the slices hold fewer than two groups
+    "The patient id of each slice, or its series id when patients are too few: the groups to hold out whole"
+    def spread(c):  # (fewest ids within one class, ids in all)
+        if c not in items: return (0, 0)
+        ids = items[c]
+        return (min(ids.astype(str).groupby(np.asarray(classes)).nunique()) if classes is not None else ids.nunique(), ids.nunique())
+    col = 'patient' if spread('patient')[0] > 1 else max(('patient', 'series_uid'), key=spread)
+    return None if spread(col)[1] < 2 else [str(v) for v in items[col]]
+
+# %% ../nbs/02b_data.ipynb #e4b2f7a5
+def _recorded(record)->dict:
+    "The training options of `record`: a dict as it is, a generator's `info` with its own size"
+    if isinstance(record, dict): return record
+    return {**(getattr(record, 'info', None) or {}), 'size': record.size}
+
+def training_slices(record, # the model's training options: a generator (its `info`), or a dict such as `privacy.training_record`'s
+                    source=None, # the slices' folder, files or `scan` DataFrame (default: the recorded source; None or 'demo': the demo series)
+                    volume:dict|None=None, # NIfTI `VolumeOptions` fields given explicitly (`volumes.volume_flags`): they replace the recorded ones
+                    label:str|None=None, # the label rule, when not the recorded one
+                    label_map=None, # raw label value -> class name, when not the recorded one
+                    labelled:bool=False, # label each slice by the rule and leave out those without a (mapped) class, as training did
+                    n:int|None=None, # at most this many (the first)
+                    cache_dir=None, # where the decode-once cache lives
+                    progress:bool=True, # progress bars when the cache must be built
+                   )->SimpleNamespace: # images (n, c, h, w) in [-1, 1], rows (in the cache), items, labels (class names or None), groups, cache, source
+    "The real slices a model trained on, made from `source` the way its recorded options say, options given explicitly winning"
+    rec = _recorded(record)
+    src = source if source is not None else rec.get('source')
+    if src is None or (isinstance(src, str) and (src == 'demo' or src.startswith('demo:'))): src = demo_series()
+    label = label or rec.get('label')
+    label_map = label_map if label_map is not None else rec.get('label_map')
+    vol = {**(rec.get('volume') or {}), **(volume or {})} or None  # NIfTI: sliced as in training, unless an option says otherwise
+    if labelled:
+        if not label: raise LabelError('', 'no label rule: the model records none and none was given')
+        _check_label_rule(label, bool(rec.get('allow_identifying_label')), vol)
+    cache,keep = _usable_slices(src, int(rec.get('size') or 64), parse_window(str(rec.get('window') or 'auto')), rec.get('channels'),
+                                vol, label, bool(rec.get('skip_blank', True)), rec.get('blank_threshold', 0.05), cache_dir, progress)
+    rows = np.flatnonzero(keep)
+    items = cache.items.iloc[rows].reset_index(drop=True)
+    if labelled: rows,items,_ = _labelled(items, rows, label, label_map)
+    rows,items = rows[:n],items.iloc[:n]
+    labels = items['label'].tolist() if labelled else None
+    return SimpleNamespace(images=cache.gather(rows) * 2 - 1, rows=rows, items=items, labels=labels,
+                           groups=holdout_groups(items, labels), cache=cache, source=src)
 
 # %% ../nbs/02b_data.ipynb #103fe039
 MNI_TEMPLATE = 'mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz'

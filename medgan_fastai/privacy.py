@@ -12,15 +12,14 @@ from types import SimpleNamespace
 import numpy as np, torch
 from torch import nn
 from fastcore.basics import patch
-from .dicom import InputError, parse_window
+from .dicom import InputError
 from .series import SourceError
 from .volumes import VolumeOptions, VOLUME_FLAGS, volume_flags, options_key
 from .persist import model_file, load_generator, write_atomic
-from .slices import prepare, blank_mask, default_cache_dir
 from .metrics import image_batch, copy_similarity, memorisation_audit, MemorisationAudit
 
 # %% auto #0
-__all__ = ['TrainingDataError', 'training_record', 'training_slices', 'PrivacyFilter', 'screen', 'write_audit']
+__all__ = ['TrainingDataError', 'training_record', 'PrivacyFilter', 'screen', 'write_audit']
 
 # %% ../nbs/08c_privacy.ipynb #db3c27bd
 class TrainingDataError(InputError):
@@ -60,39 +59,6 @@ def training_record(model, # a run folder, generator file or checkpoint (see `lo
     return dict(source=src, size=int(size), window=str(info.get('window') or 'auto'), skip_blank=bool(info.get('skip_blank', True)),
                 label=info.get('label'), volume=_recorded_volume(cfg, g), run=run)
 
-# %% ../nbs/08c_privacy.ipynb #c8f2bfe7
-def _demo_folder()->Path:
-    "The demo series' folder (where `data.demo_series` writes it), built on first use"
-    folder = default_cache_dir()/'demo'/'mni152_2009a_t1_axial'
-    if (folder/'.complete').exists(): return folder
-    from medgan_fastai.data import demo_series  # only to build it: `data` brings fastai's data machinery
-    return demo_series()
-
-def training_slices(record:dict, # from `training_record`
-                    source=None, # where the training data is now, if it moved (default: the recorded source)
-                    cache_dir=None, # the decode-once cache's folder (default: the one training used)
-                    progress:bool=True, # a progress bar when the cache must be built
-                   )->SimpleNamespace: # images (m, c, h, w) in [-1, 1], rows (in the cache), groups (ids or None), key, name, calibration_file
-    "The slices `record`'s run trained on, rebuilt as `gan_dls` made them (every label kept)"
-    src = source if source is not None else record['source']
-    folder = _demo_folder() if src is None else Path(src)
-    if not folder.exists():
-        raise TrainingDataError(folder, 'the training data is not there (moved or deleted), so generated images cannot be checked '
-                                        'for near-copies; pass --training-data with its new place, or --no-privacy-filter')
-    label = record.get('label')
-    try: cache = prepare(folder, size=record['size'], window=parse_window(record['window']), cache_dir=cache_dir, progress=progress,
-                         tags=[label] if label and label != 'folder' else None, volume=record.get('volume'))
-    except SourceError as e: raise TrainingDataError(folder, e.reason) from None
-    if not len(cache): raise TrainingDataError(folder, 'no slice of the training data could be read')
-    keep = ~blank_mask(cache, progress=progress) if record['skip_blank'] else np.ones(len(cache), bool)
-    if not keep.any(): keep[:] = True  # as gan_dls: all blank trains on everything
-    rows = np.flatnonzero(keep)
-    tab = cache.items.iloc[rows]
-    col = next((c for c in ('patient', 'series_uid') if c in tab and tab[c].nunique() > 1), None)
-    key = cache.folder.name
-    return SimpleNamespace(images=cache.gather(rows) * 2 - 1, rows=rows, groups=None if col is None else [str(v) for v in tab[col]],
-                           key=key, name=folder.name, calibration_file=cache.folder.parent/f'{key}.privacy.json')
-
 # %% ../nbs/08c_privacy.ipynb #c3877203
 class PrivacyFilter:
     "Flags generated images closer to a training slice than held-out real slices come (`memorisation_audit`'s copy rule)"
@@ -102,12 +68,13 @@ class PrivacyFilter:
                  n_reference:int=1000, # held-out slices scored at most
                  rows=None, # each slice's row in its source's cache, reported as the nearest slice (default: its position)
                  name:str='', # the training data in words: a folder's name, never a path (audits travel with the images)
-                 calibration_file=None, # JSON keeping the calibration for `key` (`training_slices` names one beside the cache)
+                 calibration_file=None, # JSON keeping the calibration for `key` (`from_model` names one beside the decode-once cache)
                  key:str='', # what identifies `train` (its cache's key); '' computes the calibration every time
                 ):
         self.train = image_batch(train, 'train')
         self.rows = np.arange(len(self.train)) if rows is None else np.asarray(rows)
         self.groups,self.quantile,self.n_reference,self.name = groups,quantile,n_reference,name
+        self.calibration_file = Path(calibration_file) if calibration_file is not None and key else None
         self.reference_similarity,self.calibration,self.note = self._calibrate(calibration_file, key)
         self.threshold = torch.quantile(self.reference_similarity.double(), quantile).item()
 
@@ -160,12 +127,16 @@ def from_model(cls:PrivacyFilter, model, # a run folder, generator file or check
     rec = training_record(model, g)
     if rec is None:
         if source is None: return None
-        g = model if isinstance(model, nn.Module) else g if g is not None else load_generator(model, 'cpu')
-        info = getattr(g, 'info', None) or {}
-        rec = dict(source=source, size=g.size, window=str(info.get('window') or 'auto'), skip_blank=bool(info.get('skip_blank', True)),
-                   volume=info.get('volume'))
-    t = training_slices(rec, source, cache_dir)
-    return cls(t.images, t.groups, rows=t.rows, name=t.name, key=t.key, calibration_file=t.calibration_file, **kwargs)
+        rec = model if isinstance(model, nn.Module) else g if g is not None else load_generator(model, 'cpu')  # its own options, the data given
+    src = source if source is not None else rec['source']  # None: the demo series
+    if src is not None and not Path(src).exists():
+        raise TrainingDataError(Path(src), 'the training data is not there (moved or deleted), so generated images cannot be checked '
+                                           'for near-copies; pass --training-data with its new place, or --no-privacy-filter')
+    from medgan_fastai.data import training_slices  # here: fastai's data machinery is imported only when there is data to check
+    try: t = training_slices(rec, src, cache_dir=cache_dir)
+    except SourceError as e: raise TrainingDataError(Path(src if src is not None else 'demo'), e.reason) from None
+    key = t.cache.folder.name
+    return cls(t.images, t.groups, rows=t.rows, name=Path(t.source).name, key=key, calibration_file=t.cache.folder.parent/f'{key}.privacy.json', **kwargs)
 
 # %% ../nbs/08c_privacy.ipynb #b60f00d5
 def _joined(pf, audits:list)->MemorisationAudit:

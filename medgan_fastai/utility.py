@@ -18,7 +18,8 @@ from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (adds `Learner
 from fastai.layers import ConvLayer, Flatten
 from fastai.torch_core import set_seed
 from fastai.vision.models.xresnet import xresnet18
-from .dicom import InputError, parse_window
+from .dicom import InputError
+from .data import training_slices, holdout_groups
 from .metrics import image_batch
 from .latent import generate, label_index
 
@@ -196,27 +197,16 @@ def label_rule(G:nn.Module, # a loaded generator (its `info`)
 def labelled_slices(source, # DICOM/PNG/JPG folder, list of files or `scan` DataFrame
                     G:nn.Module, # the conditional generator: its size, window, blank-slice rule and classes
                     label:str, # the label rule: 'folder' or a DICOM tag (see `label_rule`)
-                    label_map=None, # raw value -> class name
+                    label_map=None, # raw value -> class name (default: the one `G` records)
                     cache_dir=None, # where the decode-once cache lives
                    )->tuple: # (images (n, c, h, w) in [-1, 1], class indices (n,), patient/series ids (n,) or None)
-    "Real slices of `source` made as `G`'s training slices were, labelled with `G`'s classes by its label rule"
-    from medgan_fastai.data import gan_dls
-    info = getattr(G, 'info', {}) or {}
-    dls = gan_dls(source, size=G.size, window=parse_window(str(info.get('window') or 'auto')), bs=2, label=label, label_map=label_map,
-                  skip_blank=bool(info.get('skip_blank', True)), cache_dir=cache_dir, progress=False, verbose=False,
-                  volume=info.get('volume'))  # NIfTI: cut as in training
-    idx, names = list(dls.train_ds.items), list(dls.items['label'])  # the same order: nothing is held out for validation
+    "Real slices of `source` made as `G`'s training slices were (`data.training_slices`), labelled with `G`'s classes by its label rule"
+    t = training_slices(G, source, label=label, label_map=label_map, labelled=True, cache_dir=cache_dir, progress=False)
     def known_class(name):
         try: return label_index(G, str(name))
         except ValueError: return None  # a value the model was not trained on: left out
-    known = [known_class(n) for n in names]
+    known = [known_class(n) for n in t.labels]
     keep = [i for i,c in enumerate(known) if c is not None]
-    if not keep: raise LabelRuleError(source, f'no slice has a class of the model (values seen: {sorted(set(map(str, names)))[:10]})')
-    tab, rows = dls.cache.items, [idx[i] for i in keep]
+    if not keep: raise LabelRuleError(source, f'no slice has a class of the model (values seen: {sorted(set(map(str, t.labels)))[:10]})')
     y = np.array([known[i] for i in keep])
-    # patients when every class has several, else series (one volunteer scanned four times: hold out a scan)
-    def spread(c): return (min(tab.loc[rows, c].astype(str).groupby(y).nunique()), tab.loc[rows, c].nunique()) if c in tab else (0, 0)
-    col = 'patient' if spread('patient')[0] > 1 else max(('patient', 'series_uid'), key=spread)
-    if spread(col)[1] < 2: col = None
-    x = torch.as_tensor(dls.cache.gather(rows)) * 2 - 1
-    return x, y, (None if col is None else [str(v) for v in tab.loc[rows, col]])
+    return t.images[keep], y, holdout_groups(t.items.iloc[keep], y)  # per class: one volunteer scanned four times holds out a scan

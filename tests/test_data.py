@@ -222,7 +222,7 @@ def test_one_exception_type_per_problem(mr_dir, cache_dir, tmp_path):
     with pytest.raises(SourceError, match='nowhere: no such file or folder'): gan_dls(tmp_path/'nowhere', cache_dir=cache_dir, progress=False)
     (tmp_path/'empty').mkdir()
     with pytest.raises(SourceError, match='no files found'): prepare(tmp_path/'empty', cache_dir=cache_dir, progress=False)
-    with pytest.raises(SourceError, match=r'no usable slices \(1 files skipped: not a readable image'):
+    with pytest.raises(SourceError, match=r'no usable slices \(1 file skipped: not a readable image'):
         gan_dls([tmp_path/'broken.png'], cache_dir=cache_dir, progress=False)
     with pytest.raises(LabelError, match="label 'SeriesDescriptio': no slice has a") as e:  # a misspelt tag: read, empty everywhere
         gan_dls(mr_dir/'HFS', size=32, label='SeriesDescriptio', cache_dir=cache_dir, progress=False, verbose=False)
@@ -245,3 +245,55 @@ def test_oversized_and_tiny_images_are_skipped_with_their_reason(mr_dir, tmp_pat
     assert len(dls.train_ds) == 12
     why = dict(zip(dls.cache.skipped.file.map(lambda f: Path(f).name), dls.cache.skipped.reason))
     assert 'larger than 8192 px a side' in why['huge.png'] and 'too small to be a slice' in why['tiny.png']
+
+# --- the slices a model trained on ---------------------------------------------------------------------------------
+
+def test_training_slices_are_the_slices_gan_dls_trained_on(mr_dir, cache_dir):
+    "From a model's record (a dict, or a generator's `info`): the same cache, slices, order, classes and patient/series groups"
+    from medgan_fastai.models import DCGANGenerator
+    dls = gan_dls(mr_dir, size=32, bs=8, cache_dir=cache_dir, progress=False, verbose=False)
+    rec = dict(source=str(mr_dir), size=32, window='auto', skip_blank=True)
+    t = training_slices(rec, cache_dir=cache_dir, progress=False)
+    assert t.cache.folder == dls.cache.folder and t.labels is None and 80 <= len(t.images) <= 140
+    assert list(t.rows) == list(dls.train_ds.items) and torch.equal(t.images, dls.cache.gather(t.rows) * 2 - 1)
+    assert torch.allclose(t.images, _all_batches(dls), atol=1e-6)  # what the learner saw, batch by batch
+    assert len(set(t.groups)) == 4 and len(t.groups) == len(t.images)  # one volunteer: the four scans are the groups
+    g = DCGANGenerator(32, z_dim=8, ngf=4)
+    g.info = dict(source=str(mr_dir), window='auto', skip_blank=True)
+    assert torch.equal(training_slices(g, cache_dir=cache_dir, progress=False, n=10).images, t.images[:10])
+    # a conditional model: its label rule gives each slice the class it trained with
+    dls = gan_dls(mr_dir, size=32, bs=8, label='folder', cache_dir=cache_dir, progress=False, verbose=False)
+    t = training_slices({**rec, 'label': 'folder'}, labelled=True, cache_dir=cache_dir, progress=False)
+    assert t.labels == dls.items.label.tolist() and list(t.rows) == list(dls.train_ds.items)
+    assert {c: len(set(gr for gr, l in zip(t.groups, t.labels) if l == c)) for c in set(t.labels)} == {p: 1 for p in ('HFS', 'HFP', 'HFDL', 'HFDR')}
+    with pytest.raises(LabelError, match='no label rule'): training_slices(rec, labelled=True, cache_dir=cache_dir, progress=False)
+
+def test_training_slices_of_a_nifti_volume_follow_the_recorded_axis_unless_told_otherwise(shared_data, cache_dir):
+    nii = shared_data/'nifti'/'mr-t1-sag_HFS.nii.gz'  # 35 sagittal slices of 256x256
+    rec = dict(source=str(nii), size=32, window='auto', skip_blank=True, volume=dict(axis='sagittal'))
+    dls = gan_dls(nii, size=32, bs=8, volume=dict(axis='sagittal'), cache_dir=cache_dir, progress=False, verbose=False)
+    t = training_slices(rec, cache_dir=cache_dir, progress=False)
+    assert t.cache.folder == dls.cache.folder and 20 <= len(t.images) <= 35
+    assert torch.equal(t.images, dls.cache.gather(list(dls.train_ds.items)) * 2 - 1)
+    ax = training_slices(rec, volume=dict(axis='axial'), cache_dir=cache_dir, progress=False)  # an option given wins
+    assert ax.cache.meta['volume']['axis'] == 'axial' and len(ax.images) > 100
+
+def test_the_summary_says_whether_files_volumes_or_slices_were_skipped(shared_data, cache_dir, tmp_path, capsys):
+    import pandas as pd
+    nii = str(shared_data/'nifti'/'mr-t1-sag_HFS.nii.gz')
+    (tmp_path/'broken.nii.gz').write_bytes(b'not a volume')
+    gan_dls([nii, tmp_path/'broken.nii.gz'], size=32, bs=8, volume=dict(axis='sagittal'), cache_dir=cache_dir, progress=False)
+    out = capsys.readouterr().out
+    assert 'from 1 volume;' in out and '; 1 volume skipped (not a readable NIfTI' in out
+    rows = pd.DataFrame(dict(file=[nii] * 37, frame=list(range(35)) + [900, 901]))  # two slices the volume does not have
+    gan_dls(rows, size=32, bs=8, volume=dict(axis='sagittal'), cache_dir=cache_dir, progress=False)
+    assert '; 2 slices of 1 volume skipped (frame 900 out of range' in capsys.readouterr().out
+
+def test_reading_slices_imports_no_training_code(mr_dir, cache_dir):
+    "The privacy filter of `medgan generate` and the app reads slices through `data`: it must not pull in fastai's Learner or torchvision"
+    import subprocess, sys
+    code = ("import sys, medgan_fastai.data; "
+            "print([m for m in ('fastai.learner', 'fastai.vision.gan', 'torchvision', 'medgan_fastai.learner') if m in sys.modules])")
+    assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip() == '[]'
+    dls = gan_dls(mr_dir/'HFS', size=32, bs=8, flip=True, cache_dir=cache_dir, progress=False, verbose=False)  # imported when used
+    assert tuple(dls.one_batch()[1].shape) == (8, 1, 32, 32)

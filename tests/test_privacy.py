@@ -6,6 +6,7 @@ from torch import nn
 from medgan_fastai.models import DCGANGenerator
 from medgan_fastai.persist import save_generator, load_generator
 from medgan_fastai.privacy import *
+from medgan_fastai.data import training_slices
 from medgan_fastai.cli import main
 import medgan_fastai.latent as latent
 
@@ -94,7 +95,7 @@ def test_a_generators_own_images_pass_with_their_audit(run, tmp_path):
     assert audit['written'] == 8 and all(r['kept'] and r['similarity'] < r['threshold'] for r in audit['images'])
     assert sorted(p.name for p in (tmp_path/'a').glob('seed_*.png')) == [r['file'] for r in audit['images']]
     # the calibration is kept beside the decode-once cache and read, not redone, by the next command
-    kept = training_slices(training_record(run), progress=False).calibration_file
+    kept = PrivacyFilter.from_model(run).calibration_file
     assert json.loads(kept.read_text())['calibration'] == 'groups'
     before = kept.stat().st_mtime_ns
     main(['generate', str(run), '-n', '2', '--out', str(tmp_path/'b')])
