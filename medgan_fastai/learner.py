@@ -29,8 +29,8 @@ from .callbacks import *
 # %% auto #0
 __all__ = ['GAN_LOSSES', 'ARCHS', 'PRECISIONS', 'bce_gen_loss', 'bce_crit_loss', 'ns_gen_loss', 'ns_crit_loss', 'hinge_gen_loss',
            'hinge_crit_loss', 'wgan_gen_loss', 'wgan_crit_loss', 'r1_penalty', 'critic_logits', 'gradient_penalty',
-           'gan_splitter', 'MedGANLearner', 'gan_defaults', 'gan_models', 'net_widths', 'resolve_precision',
-           'GANMixedPrecision', 'gan_learner', 'export_generator']
+           'mode_seeking_term', 'gan_splitter', 'MedGANLearner', 'gan_defaults', 'gan_models', 'net_widths',
+           'resolve_precision', 'GANMixedPrecision', 'gan_learner', 'export_generator']
 
 # %% ../nbs/06_learner.ipynb #f93527c7
 def _bce(pred, target:float): return F.binary_cross_entropy_with_logits(pred, torch.full_like(pred, target))
@@ -71,6 +71,24 @@ def gradient_penalty(critic:nn.Module, real:torch.Tensor, fake:torch.Tensor,
     g, = torch.autograd.grad(critic_logits(critic, x, labels).sum(), x, create_graph=True)
     return (g.flatten(1).norm(dim=1) - 1).square().mean()
 
+# %% ../nbs/06_learner.ipynb #ms000002
+def mode_seeking_term(fake:torch.Tensor, # `(bs, c, h, w)` images made from `noise`
+                      noise:torch.Tensor, # `(bs, z_dim)` (or `(bs, z_dim, 1, 1)`) their noise
+                      labels:torch.Tensor|None=None, # `(bs,)` classes: only images of the same class are paired
+                      eps:float=1e-5, # keeps the inverse finite for identical images
+                     )->torch.Tensor: # a scalar to add to the generator's loss (times its weight)
+    "Mode-seeking term (Mao et al. 2019): 1 / (mean image distance / noise distance) over pairs of the batch"
+    if labels is None: i = torch.arange(0, fake.shape[0] - 1, 2, device=fake.device)  # disjoint pairs (0,1), (2,3), ...
+    else:  # neighbours after a stable sort by class: every pair within one class
+        order = torch.argsort(labels, stable=True)
+        same = labels[order][:-1] == labels[order][1:]
+        i,j = order[:-1][same], order[1:][same]
+    if labels is None: j = i + 1
+    if len(i) == 0: return fake.new_zeros(())  # no two images of one class in the batch
+    d_img = (fake[i] - fake[j]).abs().flatten(1).mean(1)
+    d_z = (noise[i] - noise[j]).abs().flatten(1).mean(1)
+    return 1 / ((d_img / d_z).mean() + eps)
+
 # %% ../nbs/06_learner.ipynb #98411bdb
 def gan_splitter(model:GANModule)->list: return [params(model.generator), params(model.critic)]
 
@@ -84,6 +102,7 @@ class MedGANLearner(Learner):
                  gp_weight:float=0., # WGAN-GP gradient penalty weight (0: off)
                  pl_weight:float=0., # path-length regularisation weight for style generators (0: off)
                  pl_every:int=4, # lazy path-length regularisation period
+                 mode_seeking:float=0., # weight of the mode-seeking term in the generator's loss (0: off; see `mode_seeking_term`)
                  lr_g:float=2e-4, lr_c:float=2e-4, # learning rates of the generator and the critic
                  betas_g=(0.5, 0.999), betas_c=(0.5, 0.999), # Adam betas of each
                  eps:float=1e-8, # Adam epsilon
@@ -94,7 +113,7 @@ class MedGANLearner(Learner):
         opt_func = partial(OptimWrapper, opt=torch.optim.Adam, betas=tuple(betas_g), eps=eps, weight_decay=0.)
         super().__init__(dls, gan, loss_func=loss_func, opt_func=opt_func, splitter=gan_splitter, lr=[lr_g, lr_c],
                          wd=0., cbs=cbs, metrics=list(metrics or []) + list(LossMetrics('gen_loss,crit_loss')), **kwargs)
-        store_attr('n_crit,r1_gamma,r1_every,gp_weight,pl_weight,pl_every,betas_g,betas_c')
+        store_attr('n_crit,r1_gamma,r1_every,gp_weight,pl_weight,pl_every,mode_seeking,betas_g,betas_c')
         self.gan_state = GANState()
         # GANs mostly train without a validation set: report the epoch's mean losses of the training steps instead
         if hasattr(self, 'recorder'):
@@ -187,6 +206,7 @@ def _generator_step(self:MedGANLearner, noise, real, fake):
         loss = self.loss_func.gen_loss_func(critic_logits(C, fake, st.labels), fake, real)
         if self.pl_weight > 0 and st.gen_steps % self.pl_every == 0 and hasattr(G, 'mapping'):
             loss = loss + self.pl_weight * self._path_length(noise)
+        if self.mode_seeking > 0: loss = loss + self.mode_seeking * mode_seeking_term(fake, noise, st.labels)
         self.loss_func.gen_loss = loss.detach()
         self._update(loss, G)
     finally: C.requires_grad_(True)
@@ -219,6 +239,7 @@ ARCHS = ('dcgan', 'style')
 
 def gan_defaults(arch:str='dcgan', # 'dcgan' or 'style'
                  loss:str|None=None, # the loss, when chosen (it decides n_crit, spectral norm and the gradient penalty)
+                 conditional:bool=False, # whether the nets take class labels (it decides the mode-seeking weight)
                 )->dict:
     "The value every recipe option of `gan_learner` takes when left as None, for `arch` and `loss`"
     if arch not in ARCHS: raise ValueError(f'unknown arch {arch!r}: use one of {", ".join(ARCHS)}')
@@ -228,7 +249,9 @@ def gan_defaults(arch:str='dcgan', # 'dcgan' or 'style'
     lr,betas = (2e-3, (0., 0.99)) if style else (2e-4, (0.5, 0.999))
     return dict(loss=loss, z_dim=128 if style else 100, lr_g=lr, lr_c=lr, betas_g=betas, betas_c=betas,
                 n_crit=5 if loss == 'wgan-gp' else 1, r1_gamma=1. if style else 0., gp_weight=10. if loss == 'wgan-gp' else 0.,
-                spectral_norm=loss in ('hinge', 'ns'))  # BCE trains the BatchNorm critic of the DCGAN paper; WGAN-GP needs neither
+                spectral_norm=loss in ('hinge', 'ns'),  # BCE trains the BatchNorm critic of the DCGAN paper; WGAN-GP needs neither
+                # our DCGAN recipe (not BCE: the tutorial's stays the tutorial's); the style nets' samples vary without it
+                mode_seeking=(1. if conditional else 0.2) if not style and loss in ('hinge', 'ns') else 0.)
 
 # %% ../nbs/06_learner.ipynb #ff8fb3bd
 def gan_models(arch:str, size:int, n_channels:int, z_dim:int, # architecture, image side and channels, noise length
@@ -337,6 +360,7 @@ def gan_learner(dls, # from `data.gan_dls`: batches of (noise, images in [-1, 1]
                 lr_g:float|None=None, lr_c:float|None=None, # learning rates (default 2e-4 dcgan, 2e-3 style)
                 betas_g=None, betas_c=None, # Adam betas (default (0.5, 0.999) dcgan, (0, 0.99) style)
                 r1_gamma:float|None=None, # R1 weight (default 0 for dcgan, 1 for style)
+                mode_seeking:float|None=None, # weight of the mode-seeking term (default: dcgan 0.2, conditional dcgan 1; 0 for style, bce, wgan-gp)
                 augment:str|None='ada', # 'ada', a fixed DiffAugment policy such as 'translation,cutout,color', or None
                 ada_target:float=0.6, # ADA's target for the sign of the critic's output on reals
                 ada_kimg:float=10., # ADA's speed: thousands of real images for p to go from 0 to 1 (NVlabs: 500 for big GPU runs)
@@ -353,11 +377,11 @@ def gan_learner(dls, # from `data.gan_dls`: batches of (noise, images in [-1, 1]
                 **kwargs # passed to `MedGANLearner` (e.g. `path`, `pl_weight`)
                )->MedGANLearner:
     "A fastai GAN learner for `dls` with our DCGAN or StyleGAN-style nets and training recipe"
-    d = gan_defaults(arch, loss)
-    pick = lambda v, k: d[k] if v is None else v
     if seed is not None: set_seed(seed, reproducible=True)
     b = dls.one_batch()
     if n_classes is None: n_classes = len(dls.vocab) if len(b) > 2 else 0  # (noise, real, label): conditional
+    d = gan_defaults(arch, loss, conditional=n_classes > 0)
+    pick = lambda v, k: d[k] if v is None else v
     g,c = gan_models(arch, b[1].shape[-1], b[1].shape[1], getattr(dls, 'z_dim', b[0].shape[1]), d['loss'],
                      pick(spectral_norm, 'spectral_norm'), n_classes, g_kwargs, c_kwargs)
     generator,critic,cbs = generator or g, critic or c, list(L(cbs))  # one callback or several, as fastai takes them
@@ -368,7 +392,7 @@ def gan_learner(dls, # from `data.gan_dls`: batches of (noise, images in [-1, 1]
     if ema: cbs.append(GeneratorEMA(half_life_kimg=ema_kimg))
     if seed is not None: dls.train.rng.seed(seed)  # the loader's shuffling too
     learn = MedGANLearner(dls, generator, critic, *GAN_LOSSES[d['loss']], n_crit=pick(n_crit, 'n_crit'),
-                          r1_gamma=pick(r1_gamma, 'r1_gamma'), gp_weight=d['gp_weight'],
+                          r1_gamma=pick(r1_gamma, 'r1_gamma'), gp_weight=d['gp_weight'], mode_seeking=pick(mode_seeking, 'mode_seeking'),
                           lr_g=pick(lr_g, 'lr_g'), lr_c=pick(lr_c, 'lr_c'), betas_g=pick(betas_g, 'betas_g'),
                           betas_c=pick(betas_c, 'betas_c'), cbs=cbs, **kwargs)
     learn.arch,learn.loss_name = arch,d['loss']

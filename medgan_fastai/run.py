@@ -41,6 +41,7 @@ def recipe_options(source:str=None, # DICOM/PNG/JPG folder (recursive); default:
                    lr_c:float=None, # critic learning rate (same defaults)
                    n_crit:int=None, # critic updates per generator update (default 5 for wgan-gp, else 1)
                    r1_gamma:float=None, # R1 penalty weight (default: 0 dcgan; style: auto, 0.0002 * size^2 / bs as StyleGAN2-ADA)
+                   mode_seeking:float=None, # weight of the mode-seeking term that keeps different noise making different images (default: dcgan 0.2, with --label 1; style, bce and wgan-gp 0)
                    z_dim:int=None, # noise length (default 100 dcgan, 128 style)
                    skip_blank:bool=True, # leave out slices that are mostly background (--no-skip-blank keeps them)
                    samples:int=64, # images in each epoch's sample grid
@@ -101,9 +102,9 @@ def recipe_volume(recipe, # a `Recipe` (or anything with its NIfTI options as at
 def _resolved(self:Recipe)->Recipe:
     "A copy with every default filled in: what the run trains with and what `config.json` stores"
     d = self.as_dict()
-    try: defaults = gan_defaults(d['arch'], d['loss'])
+    try: defaults = gan_defaults(d['arch'], d['loss'], conditional=bool(d['label']))
     except ValueError as e: raise RecipeError('--arch' if d['arch'] not in ARCHS else '--loss', str(e)) from None
-    for k in ('loss', 'lr_g', 'lr_c', 'n_crit', 'z_dim', 'betas_g', 'betas_c'):  # the data decides the rest (`auto_config`)
+    for k in ('loss', 'lr_g', 'lr_c', 'n_crit', 'z_dim', 'betas_g', 'betas_c', 'mode_seeking'):  # the data decides the rest (`auto_config`)
         if d[k] is None: d[k] = defaults[k]
     d['betas_g'],d['betas_c'] = [float(b) for b in d['betas_g']],[float(b) for b in d['betas_c']]
     d['augment'] = None if str(d['augment']).lower() in ('none', '') else d['augment']
@@ -189,7 +190,7 @@ def recipe_learner(recipe:Recipe, # a resolved recipe
     budget = [TrainingBudget(r.kimg, r.minutes)] if r.kimg is not None or r.minutes is not None else []
     learn = gan_learner(dls, arch=r.arch, loss=r.loss, augment=r.augment, ada_target=r.ada_target, ada_kimg=r.ada_kimg,
                         ema=r.ema, ema_kimg=r.ema_kimg, seed=r.seed, lr_g=r.lr_g, lr_c=r.lr_c, betas_g=tuple(r.betas_g),
-                        betas_c=tuple(r.betas_c), n_crit=r.n_crit, r1_gamma=r.r1_gamma, g_kwargs=g_kw, c_kwargs=c_kw, path=Path(path),
+                        betas_c=tuple(r.betas_c), n_crit=r.n_crit, r1_gamma=r.r1_gamma, mode_seeking=r.mode_seeking, g_kwargs=g_kw, c_kwargs=c_kw, path=Path(path),
                         cbs=[SampleGrid(n=r.samples), SampleDiversity(), LossChart(), GANCheckpoint(keep=keep)] + budget + list(cbs or []),
                         precision=r.precision, channels_last=bool(r.channels_last))
     learn.recipe,learn.auto_reasons = r,why
