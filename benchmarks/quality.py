@@ -16,11 +16,12 @@ Each run trains in its own process through `run.train_run(..., minutes=M)` (the 
 loading), one after the other, never two at once. Then `--n` samples of each exported generator are scored against the
 set's training slices:
   SWD      sliced Wasserstein distance (`metrics.swd`, x1e3), and the real-vs-real floor (two random halves of the set);
-  pairSSIM mean SSIM between pairs of 64 samples (`callbacks.pair_ssim`), next to the same among 64 real slices:
+  pairSSIM mean SSIM between pairs of 64 samples (`diversity.pair_ssim`), next to the same among 64 real slices:
            samples more alike than real slices mean collapse;
   copies   `metrics.memorisation_audit` copy rate of 256 samples;
   steps, kimg  critic updates and thousands of real images shown in the budget (`training.json`).
-Prints one table, writes `quality.json` and, per set, the three sample grids side by side (`grids_SET.png`) to `--out`.
+Prints one table, writes `quality.json` and, per set, the three sample grids side by side (`grids_SET.png`, and a
+smaller `grids_SET.jpg` for the docs) to `--out`.
 
 usage: python benchmarks/quality.py [--minutes 5 | --long] [--sets mr,ct,mni,png,nifti,mixed] [--recipes tutorial,dcgan,style]
 smoke test: python benchmarks/quality.py --minutes 0.3 --sets mr,ct --n 200
@@ -101,7 +102,7 @@ def samples(G, n:int, classes):
 def diversity(fake, fake_classes, real, real_classes, pairs, seed=0)->tuple:
     "(samples' pair SSIM, real slices' pair SSIM): overall, or for the class whose samples are most alike relative to its real slices"
     import torch
-    from medgan_fastai.callbacks import pair_ssim, diversity_pairs
+    from medgan_fastai.diversity import pair_ssim, diversity_pairs
     g = torch.Generator().manual_seed(seed)
     if real_classes is None:
         perm = torch.randperm(len(real), generator=g)
@@ -119,7 +120,7 @@ def score(set_name, recipes, args, info):
     from medgan_fastai.persist import load_generator
     from medgan_fastai.latent import generate
     from medgan_fastai.metrics import swd, memorisation_audit
-    from medgan_fastai.callbacks import pair_ssim, diversity_pairs
+    from medgan_fastai.diversity import pair_ssim, diversity_pairs
     out = Path(args.out)
     real, real_classes = real_slices(set_name, out)
     g = torch.Generator().manual_seed(0)
@@ -138,13 +139,15 @@ def score(set_name, recipes, args, info):
     return rows, fakes
 
 def grids(set_name, fakes, out:Path):
+    "The recipes' sample grids side by side: 64 samples each (`grids_SET.png`) and 32 each as a small JPEG for the docs"
     from PIL import Image
     from medgan_fastai.models import image_grid
-    gs = [image_grid(f[:64], nrow=8) for f in fakes.values()]
-    w, h = gs[0].size
-    both = Image.new('L', (len(gs) * (w + 16) - 16, h))
-    for i, im in enumerate(gs): both.paste(im, (i * (w + 16), 0))
-    both.save(out/f'grids_{set_name}.png')
+    for n, name in ((64, f'grids_{set_name}.png'), (32, f'grids_{set_name}.jpg')):
+        gs = [image_grid(f[:n], nrow=8) for f in fakes.values()]
+        w, h = gs[0].size
+        both = Image.new('L', (len(gs) * (w + 16) - 16, h), 255)
+        for i, im in enumerate(gs): both.paste(im, (i * (w + 16), 0))
+        both.save(out/name, **(dict(quality=88) if name.endswith('.jpg') else {}))
 
 def table(rows)->str:
     ref = {r['set']: r['swd'] for r in rows if r['recipe'] == 'tutorial'}

@@ -8,7 +8,7 @@ _warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated'
 # The library's modules in import order (each imports only modules before it). `from medgan_fastai import *` and
 # `medgan_fastai.NAME` import them on first use, so that `import medgan_fastai.persist` (loading a generator, the app,
 # `medgan generate`) does not pay for, or depend on, the training stack. The Gradio app is left out: it imports slowly.
-_MODULES = ('dicom', 'series', 'volumes', 'models', 'style', 'persist', 'convert', 'card', 'slices', 'data', 'augment', 'callbacks', 'learner',
+_MODULES = ('dicom', 'series', 'volumes', 'models', 'style', 'persist', 'convert', 'card', 'slices', 'data', 'augment', 'callbacks', 'diversity', 'learner',
             'distributed', 'run', 'metrics', 'scoring', 'latent', 'utility', 'deploy', 'privacy')
 
 def _load_all()->list:

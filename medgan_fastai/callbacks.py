@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
 from PIL import Image
-from fastcore.basics import store_attr, patch
+from fastcore.basics import store_attr
 from fastcore.foundation import L
 from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import rank_distrib
@@ -21,8 +21,7 @@ from .persist import *
 
 # %% auto #0
 __all__ = ['GANState', 'gan_state', 'gen_mode', 'sampling_generator', 'skipped_epoch', 'SampleGrid', 'LossChart', 'smooth',
-           'GeneratorEMA', 'diversity_pairs', 'pair_ssim', 'real_slices_by_class', 'stalled_collapse',
-           'SampleDiversity', 'save_checkpoint', 'load_checkpoint', 'GANCheckpoint', 'TrainingBudget']
+           'GeneratorEMA', 'save_checkpoint', 'load_checkpoint', 'GANCheckpoint', 'TrainingBudget']
 
 # %% ../nbs/05_callbacks.ipynb #0951e0a7
 @dataclass
@@ -266,178 +265,6 @@ class GeneratorEMA(Callback):
 
     def checkpoint_state(self): return dict(n_img=self.n_img)
     def load_checkpoint_state(self, d): self.n_img = int(d['n_img'])
-
-# %% ../nbs/05_callbacks.ipynb #c0d1a002
-def diversity_pairs(n:int, # items to pair
-                    n_pairs:int=256, # at most this many pairs
-                    seed:int=0, # seed of the choice when there are more pairs than `n_pairs`
-                   )->torch.Tensor: # `(p, 2)` indices `i < j`
-    "Fixed pairs of distinct items among `n`: all of them when there are at most `n_pairs`, else a seeded choice"
-    ij = torch.triu_indices(n, n, 1).T
-    if len(ij) > n_pairs: ij = ij[torch.randperm(len(ij), generator=torch.Generator().manual_seed(seed))[:n_pairs]]
-    return ij
-
-# %% ../nbs/05_callbacks.ipynb #c0d1a003
-def pair_ssim(images:torch.Tensor, # `(n, c, h, w)` in [-1, 1]
-              pairs:torch.Tensor, # `(p, 2)` indices into `images`, from `diversity_pairs`
-              batch_size:int=256, # pairs per torchmetrics call
-             )->float:
-    "Mean SSIM over `pairs` of `images`: near 1 when the images are alike (collapse), lower when they vary"
-    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-    if images.dim() != 4: raise ValueError(f'images: expected (n, c, h, w), got {tuple(images.shape)}')
-    x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
-    k = 11 if min(x.shape[-2:]) >= 16 else 5  # the Gaussian window of Wang et al. 2004, smaller on tiny images
-    vals = [ssim(x[pairs[i:i + batch_size, 0]], x[pairs[i:i + batch_size, 1]], data_range=1., kernel_size=k, reduction='none')
-            for i in range(0, len(pairs), batch_size)]
-    return float(torch.cat([v.reshape(-1) for v in vals]).mean())
-
-# %% ../nbs/05_callbacks.ipynb #c0d1a005
-def real_slices_by_class(dls, # `gan_dls` loaders: batches (noise, real) or (noise, real, label)
-                         n:int=64, # at most this many slices per class, chosen with `seed`
-                         seed:int=0,
-                        )->dict: # {class index (0 when unconditional): images `(m, c, h, w)` in [-1, 1]}
-    "The training slices of each class, read in a fixed order without drawing from the training's random numbers"
-    ds,imgs,labels = dls.train_ds, None, None
-    cache = getattr(dls, 'cache', None)
-    if cache is not None and hasattr(cache, 'gather'):  # `gan_dls`: the decoded slices, no loader pass needed
-        idxs = list(ds.items)
-        imgs = cache.gather(idxs) * 2 - 1
-        if len(ds.tls) > 2: labels = torch.stack([torch.as_tensor(ds.tls[2][i]) for i in range(len(idxs))]).long()
-    else:  # any other loader: one pass, with every random state put back afterwards
-        state = rng_state()
-        try: bs = [b for b in dls.train]
-        finally: set_rng_state(state)
-        imgs = torch.cat([b[1].as_subclass(torch.Tensor).float().cpu() for b in bs])
-        if len(bs[0]) > 2: labels = torch.cat([b[2].as_subclass(torch.Tensor).long().cpu() for b in bs])
-    if labels is None: labels = torch.zeros(len(imgs), dtype=torch.long)
-    g,out = torch.Generator().manual_seed(seed), {}
-    for k in sorted(set(labels.tolist())):
-        sel = torch.nonzero(labels == k).flatten()
-        out[int(k)] = imgs[sel[torch.randperm(len(sel), generator=g)[:n]]]
-    return out
-
-# %% ../nbs/05_callbacks.ipynb #a7c3e001
-def stalled_collapse(recent:list, # one class's samples' pair SSIM at its last measurements, oldest first
-                     real:float, # the real slices' pair SSIM of the class
-                     gross_ssim:float=0.9, # samples whose pair SSIM stayed above this ...
-                     gross_margin:float=0.3, # ... and above the real slices' by more than this ...
-                     min_drop:float=0.02, # ... and fell by less than this from the first measurement to the last have collapsed
-                    )->bool:
-    "Whether samples stayed nearly identical, far more alike than the real slices, without growing more varied"
-    return len(recent) >= 2 and min(recent) > max(gross_ssim, real + gross_margin) and recent[0] - recent[-1] < min_drop
-
-# %% ../nbs/05_callbacks.ipynb #c0d1a006
-class SampleDiversity(Callback):
-    "Each epoch, the mean pair SSIM of fixed-noise samples (per class) against the real slices'; warn when samples grow alike"
-    order = 79  # after the epoch's EMA updates, before `LossChart` (81) writes the epoch's row
-    def __init__(self, n:int=32, # samples (and real slices) per class
-                 n_pairs:int=256, # pairs per class
-                 margin:float=0.05, # samples count as collapsing when their pair SSIM exceeds the real slices' by more ...
-                 patience:int=3, # ... in this many epochs in a row
-                 warmup_kimg:float=5., # the margin rule waits this many thousand images: an unformed generator's samples are all alike
-                 gross_ssim:float=0.9, # the gross rule, from `gross_kimg` on: samples whose pair SSIM stays above this ...
-                 gross_margin:float=0.3, # ... and above the real slices' by more than this, ...
-                 min_drop:float=0.02, # ... and falls by less than this over `patience` epochs, have collapsed
-                 gross_kimg:float=1., # thousands of images before the gross rule applies
-                 seed:int=0, # seed of the fixed noise, the pairs and the real slices chosen
-                 warnings_file:str|None='warnings.txt', # where warnings are added (relative to `learn.path`; None: console only)
-                ):
-        store_attr()
-        self.real,self.history,self.recent,self.streak,self.warned,self.n_img = None,[],[],0,False,None
-
-    def before_fit(self):
-        g = self.learn.model.generator
-        self.n_classes = getattr(g, 'n_classes', 0)
-        self.noise = torch.randn(self.n, g.z_dim, generator=torch.Generator().manual_seed(self.seed))
-        self.pairs = diversity_pairs(self.n, self.n_pairs, self.seed)
-        self.fit_measured,self.fit_warned = False,False
-        if self.real is None:  # once per run: a resumed run gets it from its checkpoint
-            reals = real_slices_by_class(self.learn.dls, self.n, self.seed)
-            self.real = {k: pair_ssim(v, diversity_pairs(len(v), self.n_pairs, self.seed)) for k,v in reals.items() if len(v) > 1}
-
-    def measure(self)->dict: # {class: samples' mean pair SSIM}
-        "The samples' mean pair SSIM for each class, from the fixed noise"
-        G = sampling_generator(self.learn)
-        labels = lambda k: torch.full((self.n,), k, dtype=torch.long) if self.n_classes else None
-        return {k: pair_ssim(sample_images(G, self.noise, labels=labels(k)), self.pairs) for k in self.real}
-
-    def _figures(self, fake:dict)->dict:
-        "The epoch's figures for `loss.csv` and `GANState.diversity`: those of the class closest to collapse"
-        self.n_img,self.fit_measured = gan_state(self.learn).n_img, True
-        k = max(fake, key=lambda c: fake[c] - self.real[c])
-        return dict(epoch=self.epoch + 1, kimg=self.n_img / 1000, pair_ssim=fake[k], real_pair_ssim=self.real[k], collapse_warning=0,
-                    worst_class=k, per_class={c: (fake[c], self.real[c]) for c in fake})
-
-    def after_epoch(self):
-        if skipped_epoch(self.learn) or rank_distrib() or not self.real: return
-        fake = self.measure()
-        d = self._figures(fake)
-        gap = d['pair_ssim'] - d['real_pair_ssim']
-        self.streak = self.streak + 1 if gap > self.margin and self.n_img >= self.warmup_kimg * 1000 else 0
-        if gap <= self.margin: self.warned = False  # the episode is over: a new one may be warned
-        self.recent = (self.recent + [fake])[-self.patience:]
-        stalled = [c for c in fake if self.n_img >= self.gross_kimg * 1000 and len(self.recent) == self.patience
-                   and stalled_collapse([r[c] for r in self.recent], self.real[c], self.gross_ssim, self.gross_margin, self.min_drop)]
-        rule = 'margin' if self.streak >= self.patience else 'gross' if stalled else None
-        if rule == 'gross':  # name the stalled class furthest from its real slices
-            k = max(stalled, key=lambda c: fake[c] - self.real[c])
-            d.update(worst_class=k, pair_ssim=fake[k], real_pair_ssim=self.real[k])
-        gan_state(self.learn).diversity = d
-        if rule and not self.warned: self.warn(d, rule)
-        self.history.append({k: v for k,v in d.items() if k != 'per_class'})
-
-# %% ../nbs/05_callbacks.ipynb #a7c3e009
-@patch
-def warn(self:SampleDiversity, d:dict, # the figures of the measurement (`GANState.diversity`); marked as warned
-         rule:str, # 'margin', 'gross' or 'end': which rule fired
-        ):
-    "Say on the console and in the run folder's `warnings_file` that the samples are markedly more alike than the real slices"
-    vocab = getattr(self.learn.model.generator, 'vocab', None)
-    cls = f' of class {vocab[d["worst_class"]] if vocab else d["worst_class"]}' if self.n_classes else ''
-    figs = f'mean pair SSIM {d["pair_ssim"]:.3f} against {d["real_pair_ssim"]:.3f}'
-    grid = f'samples/epoch_{d["epoch"]:03d}.png'
-    msg = {'margin': f'epoch {d["epoch"]}: samples{cls} are more alike than the real slices for {self.patience} epochs '
-                     f'({figs}, margin {self.margin}): the generator may be collapsing to few images; see {grid}',
-           'gross': f'epoch {d["epoch"]} ({d["kimg"]:.2f} kimg): samples{cls} are nearly identical, far more alike than the real '
-                    f'slices, and have not grown more varied in {self.patience} epochs ({figs}): the generator is collapsing to '
-                    f'few images; see {grid}',
-           'end': f'training ended at epoch {d["epoch"]} ({d["kimg"]:.2f} kimg) while samples{cls} were still more alike than '
-                  f'the real slices ({figs}, margin {self.margin}): the generator is unformed or collapsing; see the last '
-                  f'grid in samples/ before using it'}[rule]
-    d['collapse_warning'],self.fit_warned = 1,True
-    if rule != 'end': self.warned = True  # the episode is warned; the end-of-fit note does not silence the rules of a resumed run
-    print(f'warning: {msg}', flush=True)
-    if self.warnings_file is None: return
-    f = Path(self.learn.path)/self.warnings_file
-    old = f.read_text() if f.exists() else ''
-    write_atomic(f, lambda p: Path(p).write_text(old + msg + '\n'), overwrite=True)
-
-# %% ../nbs/05_callbacks.ipynb #a7c3e00a
-@patch
-def checkpoint_state(self:SampleDiversity)->dict:
-    "What a checkpoint keeps of the watch, so that a resumed run warns as an uninterrupted one would"
-    return dict(real={str(k): v for k,v in (self.real or {}).items()}, streak=self.streak, warned=self.warned, n_img=self.n_img,
-                recent=[{str(k): v for k,v in r.items()} for r in self.recent], history=[dict(h) for h in self.history])
-
-@patch
-def load_checkpoint_state(self:SampleDiversity, d:dict):
-    "Restore what `checkpoint_state` kept (checkpoints from before the gross and end-of-fit rules too)"
-    self.real,self.streak = {int(k): float(v) for k,v in d['real'].items()} or None, int(d['streak'])
-    self.history = [dict(h) for h in d['history']]
-    self.warned = bool(d.get('warned', self.streak >= self.patience))  # older checkpoints: warned when the streak got there
-    self.n_img = d.get('n_img')
-    self.recent = [{int(k): float(v) for k,v in r.items()} for r in d.get('recent', [])]
-
-# %% ../nbs/05_callbacks.ipynb #a7c3e005
-@patch
-def after_fit(self:SampleDiversity):
-    "The end-of-fit rule: warn once when `fit` ends with samples still more alike than the real slices by more than `margin`"
-    st = gan_state(self.learn)
-    if rank_distrib() or not self.real: return
-    if st.n_img != (self.n_img or 0): st.diversity = self._figures(self.measure())  # stopped inside an epoch: measure where it got
-    d = st.diversity
-    if not (self.fit_measured and d) or self.fit_warned: return  # nothing measured in this fit, or it warned already
-    if d['pair_ssim'] - d['real_pair_ssim'] > self.margin: self.warn(d, 'end')
 
 # %% ../nbs/05_callbacks.ipynb #229a1f68
 def save_checkpoint(learn, # a GAN learner (ours or fastai's)

@@ -78,12 +78,13 @@ def mode_seeking_term(fake:torch.Tensor, # `(bs, c, h, w)` images made from `noi
                       eps:float=1e-5, # keeps the inverse finite for identical images
                      )->torch.Tensor: # a scalar to add to the generator's loss (times its weight)
     "Mode-seeking term (Mao et al. 2019): 1 / (mean image distance / noise distance) over pairs of the batch"
-    if labels is None: i = torch.arange(0, fake.shape[0] - 1, 2, device=fake.device)  # disjoint pairs (0,1), (2,3), ...
+    if labels is None:  # disjoint pairs (0,1), (2,3), ...
+        i = torch.arange(0, fake.shape[0] - 1, 2, device=fake.device)
+        j = i + 1
     else:  # neighbours after a stable sort by class: every pair within one class
         order = torch.argsort(labels, stable=True)
         same = labels[order][:-1] == labels[order][1:]
         i,j = order[:-1][same], order[1:][same]
-    if labels is None: j = i + 1
     if len(i) == 0: return fake.new_zeros(())  # no two images of one class in the batch
     d_img = (fake[i] - fake[j]).abs().flatten(1).mean(1)
     d_z = (noise[i] - noise[j]).abs().flatten(1).mean(1)

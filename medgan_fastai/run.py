@@ -16,6 +16,7 @@ from .persist import *
 from .card import write_model_card
 from .data import gan_dls
 from .callbacks import *
+from .diversity import SampleDiversity
 from .learner import *
 from .distributed import init_distributed, on_rank0_first
 

@@ -6,8 +6,8 @@ from torch import nn
 from medgan_fastai.run import Recipe, train_run, auto_config
 from medgan_fastai.data import gan_dls
 from medgan_fastai.learner import gan_learner
-from medgan_fastai.callbacks import (SampleDiversity, LossChart, TrainingBudget, GANCheckpoint, pair_ssim, diversity_pairs,
-                                     real_slices_by_class, load_checkpoint)
+from medgan_fastai.callbacks import LossChart, TrainingBudget, GANCheckpoint, load_checkpoint
+from medgan_fastai.diversity import SampleDiversity, pair_ssim, diversity_pairs, real_slices_by_class
 from medgan_fastai.persist import load_generator, checkpoint_files, read_checkpoint
 from medgan_fastai.models import sample_images
 

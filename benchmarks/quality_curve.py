@@ -1,0 +1,100 @@
+"""Sample quality against training length: SWD (x1e3) of the EMA generator every `--every` kimg for the default `dcgan` and
+`style` recipes on one real set ([quality], issue 15: "report the curve SWD vs kimg for both on one set").
+
+Each recipe trains once through `run.train_run(..., kimg=N)` (auto-configuration, ADA, EMA: exactly `medgan train`); a callback
+scores the sampling (EMA) generator every `--every` thousand real images: `--n` samples against the set's training slices,
+with the time spent training so far (scoring time left out) and the samples' pair SSIM next to the real slices' (the
+worst class of a conditional set: a late collapse shows there). For a conditional set (`mixed`) the samples are an equal share
+of every class. Writes `curve.json` and `curve.png` (SWD against kimg, and against training seconds) to `--out`.
+
+usage: python benchmarks/quality_curve.py [--set mr] [--kimg 20] [--every 2] [--recipes dcgan,style]
+       python benchmarks/quality_curve.py --source FOLDER [--label folder] ...   (any folder `medgan train` takes)
+On a GPU the runs use the recipe's GPU choices (bf16, larger batches); the curve is in kimg, so it reads the same anywhere.
+"""
+import argparse, json, os, sys, time
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # the sets, real slices and class-balanced sampling of the quality table
+
+def real_of(source:str, label:str|None, size:int):
+    "Training slices of a folder (as `gan_dls` gives them) in [-1, 1], and their class folder names when `label='folder'`"
+    from medgan_fastai.data import gan_dls
+    dls = gan_dls(source, size=size, bs=8, label=label, progress=False, verbose=False)
+    idx = list(dls.train_ds.items)
+    classes = [Path(f).parent.name for f in dls.cache.items.loc[idx, 'file']] if label == 'folder' else None
+    return dls.cache.gather(idx) * 2 - 1, classes
+
+def curve_callback(every:float, real, classes, n:int, rows:list):
+    "A callback scoring the sampling generator every `every` kimg into `rows`"
+    from fastai.callback.core import Callback
+    from medgan_fastai.callbacks import gan_state, sampling_generator
+    from medgan_fastai.metrics import swd
+    from medgan_fastai.diversity import diversity_pairs
+    pairs = diversity_pairs(64, 1000, 0)
+    class SWDCurve(Callback):
+        order = 96
+        def before_fit(self): self.next,self.t0,self.scoring = every * 1000, time.perf_counter(), 0.
+        def after_batch(self):
+            st = gan_state(self.learn)
+            if not self.training or st.n_img < self.next: return
+            self.next += every * 1000
+            t = time.perf_counter()
+            fake, fake_classes = quality.samples(sampling_generator(self.learn), n, classes)
+            s = swd(real, fake, seed=0)['swd']
+            div = quality.diversity(fake, fake_classes, real, classes, pairs)  # (samples', real slices') pair SSIM, worst class
+            rows.append(dict(kimg=round(st.n_img / 1000, 3), swd=round(s, 2), train_s=round(t - self.t0 - self.scoring, 1),
+                             pair_ssim=round(div[0], 3), real_pair_ssim=round(div[1], 3)))
+            self.scoring += time.perf_counter() - t
+            print(f'\ncurve: {json.dumps(rows[-1])}', flush=True)  # a line of its own, after any progress bar
+    return SWDCurve()
+
+def plot(curves:dict, floor:float, path:Path, title:str):
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, rows in curves.items():
+        for ax, x in zip(axs, ('kimg', 'train_s')): ax.plot([r[x] for r in rows], [r['swd'] for r in rows], marker='.', label=name)
+    for ax, xl in zip(axs, ('thousand real images shown (kimg)', 'training seconds')):
+        ax.axhline(floor, color='grey', ls='--', lw=1, label='real vs real')
+        ax.set_xlabel(xl); ax.set_ylabel('SWD x1e3 (lower is better)'); ax.set_yscale('log'); ax.legend()
+    fig.suptitle(title); fig.tight_layout(); fig.savefig(path, dpi=90); plt.close(fig)
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--set', default='mr', help='a set of benchmarks/quality.py (mr, ct, mni, png, nifti, mixed)')
+    ap.add_argument('--source', help='a folder instead of a named set'); ap.add_argument('--label', help="'folder' for class folders")
+    ap.add_argument('--kimg', type=float, default=20.); ap.add_argument('--every', type=float, default=2.)
+    ap.add_argument('--recipes', default='dcgan,style'); ap.add_argument('--n', type=int, default=500)
+    ap.add_argument('--threads', type=int, default=2); ap.add_argument('--out', default=str(quality.ROOT/'_build'/'curve'))
+    a = ap.parse_args()
+    import torch
+    torch.set_num_threads(a.threads)
+    from medgan_fastai.run import train_run
+    from medgan_fastai.metrics import swd
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    if a.source: opts, name = dict(source=a.source, **({'label': a.label} if a.label else {})), Path(a.source).name
+    else: opts, name = quality.set_source(a.set, out), a.set
+    real, classes = real_of(opts['source'], opts.get('label'), quality.SIZE) if a.source else quality.real_slices(a.set, out)
+    perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
+    floor = swd(real[perm[:len(real) // 2]], real[perm[len(real) // 2:]], seed=0)['swd']
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f'CPU, {a.threads} threads'
+    curves = {}
+    for r in a.recipes.split(','):
+        print(f'{name}/{r}: {a.kimg:g} kimg on {dev}', flush=True)
+        rows, src = [], opts.get('source')
+        learn = train_run(src, out=out/name/r, force=True, kimg=a.kimg, size=quality.SIZE, seed=0, samples=16,
+                          cbs=[curve_callback(a.every, real, classes, a.n, rows)],
+                          **{k: v for k, v in opts.items() if k != 'source'}, **quality.RECIPES[r])
+        curves[r] = rows
+    print(f'\nSWD x1e3 of {a.n} EMA samples against the {len(real)} training slices of {name} (real vs real: {floor:.1f}); {dev}')
+    print(f"{'kimg':>6} " + ' '.join(f'{r + " SWD (s) pairSSIM/real":>26}' for r in curves))
+    for i in range(max(len(v) for v in curves.values())):
+        cells = [f"{v[i]['swd']:8.1f} ({v[i]['train_s']:5.0f}s) {v[i]['pair_ssim']:.2f}/{v[i]['real_pair_ssim']:.2f}"
+                 if i < len(v) else ' ' * 26 for v in curves.values()]
+        print(f"{list(curves.values())[0][min(i, len(list(curves.values())[0]) - 1)]['kimg']:6.1f} " + ' '.join(cells))
+    (out/'curve.json').write_text(json.dumps(dict(set=name, device=dev, floor=floor, n=a.n, curves=curves), indent=1))
+    plot(curves, floor, out/'curve.png', f'{name}, 64 px, {dev}: SWD of EMA samples against training length')
+    print(f'wrote {out}/curve.json and {out}/curve.png')
+
+if __name__ == '__main__':
+    main()
