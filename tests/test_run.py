@@ -62,7 +62,7 @@ def test_config_holds_resolved_values(shell_run):
 def test_resume_keeps_the_stored_recipe_when_a_default_changes(shell_run, tmp_path, monkeypatch):
     "config.json is what a resumed run trains with, whatever today's defaults are"
     import medgan_fastai.run as run_mod
-    changed = lambda arch='dcgan', loss=None: {**gan_defaults(arch, loss), 'lr_g': 1.0, 'z_dim': 7}
+    changed = lambda arch='dcgan', loss=None, **kw: {**gan_defaults(arch, loss, **kw), 'lr_g': 1.0, 'z_dim': 7}
     monkeypatch.setattr(run_mod, 'gan_defaults', changed)
     assert Recipe().resolved().lr_g == 1.0                     # a new run would take the new default
     r = run_mod.prepare_run_folder(shell_run, Recipe(), resume=True)
