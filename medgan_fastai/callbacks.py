@@ -15,7 +15,7 @@ from PIL import Image
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 from fastai.callback.core import Callback, CancelFitException
-from fastai.torch_core import rank_distrib
+from fastai.torch_core import num_distrib, rank_distrib
 from .models import sample_images, image_grid
 from .persist import *
 
@@ -333,7 +333,15 @@ class TrainingBudget(Callback):
         "What ran out ('12.5 kimg', '5 minutes'), or None while training may go on"
         st = gan_state(self.learn)
         if self.kimg is not None and st.n_img >= self.kimg * 1000: return f'{self.kimg:g} kimg'
-        if self.minutes is not None and time.monotonic() - self.t0 >= self.minutes * 60: return f'{self.minutes:g} minutes'
+        if self.minutes is not None and self.elapsed() >= self.minutes * 60: return f'{self.minutes:g} minutes'
+
+    def elapsed(self)->float:
+        "Seconds since `fit` began; in a multi-process run the longest of any process, so that all stop after the same batch"
+        t = time.monotonic() - self.t0
+        if num_distrib() < 2 or not torch.distributed.is_initialized(): return t
+        x = torch.tensor([t], dtype=torch.float64, device='cuda' if torch.distributed.get_backend() == 'nccl' else 'cpu')
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+        return x.item()
 
     def _stop(self, where:str):
         self.stopped_at = where  # 'start', 'batch' (inside an epoch) or 'epoch' (at its end): what a caller must still save

@@ -221,3 +221,45 @@ def test_two_gloo_processes_stay_in_step(arch, mr_dir, tmp_path):
     assert sorted(p.name for p in (run/'checkpoints').iterdir()) == ['epoch_001.pth']
     assert sorted(p.name for p in (run/'samples').iterdir()) == ['epoch_001.png', 'progress.gif']
     assert sorted(p.name for p in run.iterdir()) == ['checkpoints', 'loss.csv', 'loss.png', 'samples']
+
+BUDGET_SCRIPT = r"""
+import json, sys, time
+from pathlib import Path
+from fastai.callback.core import Callback
+from medgan_fastai.data import gan_dls
+from medgan_fastai.learner import gan_learner
+from medgan_fastai.callbacks import TrainingBudget
+from medgan_fastai.distributed import init_distributed, on_rank0_first
+out, src = Path(sys.argv[1]), sys.argv[2]
+rank = init_distributed()
+class LateStart(Callback):
+    "The second process begins its fit 2 s after the first, so their clocks disagree by 2 s all along"
+    order = 90  # before TrainingBudget starts its clock
+    def before_fit(self):
+        if rank == 1: time.sleep(2)
+class BatchLog(Callback):
+    order = 96
+    def before_fit(self): self.n = 0
+    def after_batch(self): self.n += self.training
+    def after_fit(self):
+        (out/f'budget_rank{rank}.json').write_text(json.dumps(dict(batches=self.n, reason=budget.reason, at=budget.stopped_at)))
+dls = on_rank0_first(gan_dls, src, size=32, bs=8, z_dim=16, cache_dir=out/'cache', progress=False, verbose=False)
+budget = TrainingBudget(minutes=0.05)
+learn = gan_learner(dls, arch='dcgan', seed=0, path=out/'run', cbs=[LateStart(), budget, BatchLog()], g_kwargs=dict(ngf=8), c_kwargs=dict(ndf=8))
+with learn.distrib_ctx(): learn.fit(10_000)
+"""
+
+def test_a_minutes_budget_stops_all_processes_after_the_same_batch(mr_dir, tmp_path):
+    # each process reads its own clock; the second starts 2 s late, so on its own clock the 3 s budget would end a
+    # dozen batches after the first process stopped, and it would wait forever for it in the next gradient exchange
+    script = tmp_path/'budget_ddp.py'
+    script.write_text(BUDGET_SCRIPT)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    try:
+        r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script),
+                            str(tmp_path), str(mr_dir)], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    except subprocess.TimeoutExpired: pytest.fail('a process was left waiting: the budget ended the processes at different batches')
+    assert r.returncode == 0, r.stderr[-3000:]
+    b0,b1 = (json.loads((tmp_path/f'budget_rank{i}.json').read_text()) for i in (0, 1))
+    assert b0 == b1 and b0['reason'] == '0.05 minutes' and b0['at'] in ('batch', 'epoch')
+    assert 0 < b0['batches'] < 10_000 * (140 // 2 // 8)
