@@ -80,14 +80,24 @@ def child(args):
 
 def real_slices(set_name, out:Path):
     "The set's training slices as the runs saw them (same window, size, blank slices left out), in [-1, 1], and their classes"
+    return slices_of(set_source(set_name, out))
+
+def slices_of(o:dict):
+    "The training slices of the `train_run` options `o` (`source`, and `window`, `axis`, `label`... when given), and their classes"
     from medgan_fastai.data import gan_dls
     from medgan_fastai.dicom import parse_window
-    o = set_source(set_name, out)
     dls = gan_dls(o['source'], size=SIZE, bs=8, window=parse_window(o.get('window', 'auto')), progress=False, verbose=False,
                   volume=dict(axis=o.get('axis', 'axial'), central_fraction=o.get('central_fraction', 1.)))
     idx = list(dls.train_ds.items)
     classes = [Path(f).parent.name for f in dls.cache.items.loc[idx, 'file']] if o.get('label') == 'folder' else None
     return dls.cache.gather(idx) * 2 - 1, classes
+
+def real_floor(real)->float:
+    "SWD x1e3 between two random halves of the real slices: what a perfect generator scores on a set this small"
+    import torch
+    from medgan_fastai.metrics import swd
+    perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
+    return swd(real[perm[:len(real) // 2]], real[perm[len(real) // 2:]], seed=0)['swd']
 
 def samples(G, n:int, classes):
     "`n` samples of `G`; for a conditional generator, an equal share of every class, with the class of each"
@@ -123,9 +133,7 @@ def score(set_name, recipes, args, info):
     from medgan_fastai.diversity import pair_ssim, diversity_pairs
     out = Path(args.out)
     real, real_classes = real_slices(set_name, out)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(real), generator=g)
-    floor = swd(real[perm[:len(real) // 2]], real[perm[len(real) // 2:]], seed=0)['swd']
+    floor = real_floor(real)
     pairs = diversity_pairs(64, 1000, 0)
     rows, fakes = [], {}
     for name in recipes:

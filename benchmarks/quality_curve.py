@@ -16,14 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # the sets, real slices and class-balanced sampling of the quality table
 
-def real_of(source:str, label:str|None, size:int):
-    "Training slices of a folder (as `gan_dls` gives them) in [-1, 1], and their class folder names when `label='folder'`"
-    from medgan_fastai.data import gan_dls
-    dls = gan_dls(source, size=size, bs=8, label=label, progress=False, verbose=False)
-    idx = list(dls.train_ds.items)
-    classes = [Path(f).parent.name for f in dls.cache.items.loc[idx, 'file']] if label == 'folder' else None
-    return dls.cache.gather(idx) * 2 - 1, classes
-
 def curve_callback(every:float, real, classes, n:int, rows:list):
     "A callback scoring the sampling generator every `every` kimg into `rows`"
     from fastai.callback.core import Callback
@@ -70,13 +62,11 @@ def main():
     import torch
     torch.set_num_threads(a.threads)
     from medgan_fastai.run import train_run
-    from medgan_fastai.metrics import swd
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     if a.source: opts, name = dict(source=a.source, **({'label': a.label} if a.label else {})), Path(a.source).name
     else: opts, name = quality.set_source(a.set, out), a.set
-    real, classes = real_of(opts['source'], opts.get('label'), quality.SIZE) if a.source else quality.real_slices(a.set, out)
-    perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
-    floor = swd(real[perm[:len(real) // 2]], real[perm[len(real) // 2:]], seed=0)['swd']
+    real, classes = quality.slices_of(opts)
+    floor = quality.real_floor(real)
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f'CPU, {a.threads} threads'
     curves = {}
     for r in a.recipes.split(','):
