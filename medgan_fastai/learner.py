@@ -27,10 +27,10 @@ from .persist import *
 from .callbacks import *
 
 # %% auto #0
-__all__ = ['GAN_LOSSES', 'ARCHS', 'PRECISIONS', 'bce_gen_loss', 'bce_crit_loss', 'ns_gen_loss', 'ns_crit_loss', 'hinge_gen_loss',
-           'hinge_crit_loss', 'wgan_gen_loss', 'wgan_crit_loss', 'r1_penalty', 'critic_logits', 'gradient_penalty',
-           'mode_seeking_term', 'gan_splitter', 'MedGANLearner', 'gan_defaults', 'gan_models', 'net_widths',
-           'resolve_precision', 'GANMixedPrecision', 'gan_learner', 'export_generator']
+__all__ = ['GAN_LOSSES', 'ARCHS', 'SMALL_DATA_STYLE', 'PRECISIONS', 'bce_gen_loss', 'bce_crit_loss', 'ns_gen_loss',
+           'ns_crit_loss', 'hinge_gen_loss', 'hinge_crit_loss', 'wgan_gen_loss', 'wgan_crit_loss', 'r1_penalty',
+           'critic_logits', 'gradient_penalty', 'mode_seeking_term', 'gan_splitter', 'MedGANLearner', 'gan_defaults',
+           'gan_models', 'net_widths', 'resolve_precision', 'GANMixedPrecision', 'gan_learner', 'export_generator']
 
 # %% ../nbs/06_learner.ipynb #f93527c7
 def _bce(pred, target:float): return F.binary_cross_entropy_with_logits(pred, torch.full_like(pred, target))
@@ -251,8 +251,11 @@ def gan_defaults(arch:str='dcgan', # 'dcgan' or 'style'
     return dict(loss=loss, z_dim=128 if style else 100, lr_g=lr, lr_c=lr, betas_g=betas, betas_c=betas,
                 n_crit=5 if loss == 'wgan-gp' else 1, r1_gamma=1. if style else 0., gp_weight=10. if loss == 'wgan-gp' else 0.,
                 spectral_norm=loss in ('hinge', 'ns'),  # BCE trains the BatchNorm critic of the DCGAN paper; WGAN-GP needs neither
-                # our DCGAN recipe (not BCE: the tutorial's stays the tutorial's); the style nets' samples vary without it
-                mode_seeking=(1. if conditional else 0.2) if not style and loss in ('hinge', 'ns') else 0.)
+                # both recipes (not BCE: the tutorial's stays the tutorial's); short style runs made samples more alike than real slices without it
+                mode_seeking=(1. if conditional else 0.2) if loss in ('hinge', 'ns') else 0.)
+
+# %% ../nbs/06_learner.ipynb #c1d2e011
+SMALL_DATA_STYLE = dict(n_mapping=2, mixing_prob=0.)  # the style generator's arguments in a training recipe (`g_kwargs` override them)
 
 # %% ../nbs/06_learner.ipynb #ff8fb3bd
 def gan_models(arch:str, size:int, n_channels:int, z_dim:int, # architecture, image side and channels, noise length
@@ -264,6 +267,7 @@ def gan_models(arch:str, size:int, n_channels:int, z_dim:int, # architecture, im
     g_kwargs,c_kwargs = dict(g_kwargs or {}), dict(c_kwargs or {})
     if n_classes: g_kwargs.setdefault('n_classes', n_classes); c_kwargs.setdefault('n_classes', n_classes)
     if arch == 'style':
+        for k,v in SMALL_DATA_STYLE.items(): g_kwargs.setdefault(k, v)
         return (StyleGenerator(size=size, z_dim=z_dim, n_channels=n_channels, **g_kwargs),
                 StyleCritic(size=size, n_channels=n_channels, **c_kwargs))
     return (DCGANGenerator(size=size, z_dim=z_dim, n_channels=n_channels, **g_kwargs),
@@ -361,7 +365,7 @@ def gan_learner(dls, # from `data.gan_dls`: batches of (noise, images in [-1, 1]
                 lr_g:float|None=None, lr_c:float|None=None, # learning rates (default 2e-4 dcgan, 2e-3 style)
                 betas_g=None, betas_c=None, # Adam betas (default (0.5, 0.999) dcgan, (0, 0.99) style)
                 r1_gamma:float|None=None, # R1 weight (default 0 for dcgan, 1 for style)
-                mode_seeking:float|None=None, # weight of the mode-seeking term (default: dcgan 0.2, conditional dcgan 1; 0 for style, bce, wgan-gp)
+                mode_seeking:float|None=None, # weight of the mode-seeking term (default: 0.2, conditional 1; 0 for bce, wgan-gp)
                 augment:str|None='ada', # 'ada', a fixed DiffAugment policy such as 'translation,cutout,color', or None
                 ada_target:float=0.6, # ADA's target for the sign of the critic's output on reals
                 ada_kimg:float=10., # ADA's speed: thousands of real images for p to go from 0 to 1 (NVlabs: 500 for big GPU runs)
