@@ -18,6 +18,7 @@ from .data import gan_dls
 from .callbacks import *
 from .diversity import SampleDiversity
 from .learner import *
+from .style import StyleGenerator
 from .distributed import init_distributed, on_rank0_first
 
 # %% auto #0
@@ -60,6 +61,7 @@ def recipe_options(source:str=None, # DICOM/PNG/JPG folder (recursive); default:
                    betas_g:Annotated[list, {'nargs': 2, 'type': float}]=None, # generator Adam betas (default 0.5 0.999 dcgan, 0 0.99 style)
                    betas_c:Annotated[list, {'nargs': 2, 'type': float}]=None, # critic Adam betas (same defaults)
                    channels_last:bool=False, # NHWC memory format (faster convolutions on recent GPUs)
+                   small_data_style:bool=True, # style: a 2-layer mapping and no style mixing (`learner.SMALL_DATA_STYLE`); --no-small-data-style: StyleGAN2's 4 layers and mixing
                    data_licence:str=None, # the training data's licence, as you state it (written into the model card)
                    kimg:float=None, # train until this many thousand real images were shown (the run's total; replaces --epochs)
                    minutes:float=None, # wall-clock budget of this invocation in minutes, ending with a checkpoint and export (replaces --epochs)
@@ -131,6 +133,7 @@ def _from_json(cls, path_or_text)->Recipe:
     "A recipe from a `config.json` (older files may lack options added since: those take today's defaults)"
     p = Path(path_or_text) if len(str(path_or_text)) < 4096 and not str(path_or_text).lstrip().startswith('{') else None
     d = json.loads(p.read_text() if p is not None else path_or_text)
+    d.setdefault('small_data_style', False)  # a run recorded before that option trained the style generator's own defaults
     return cls(**{k: v for k,v in d.items() if k in cls.options()})
 Recipe.from_json = classmethod(_from_json)
 
@@ -188,6 +191,8 @@ def recipe_learner(recipe:Recipe, # a resolved recipe
         if why and not rank_distrib():
             print('chosen from the data (set any with its flag):\n' + '\n'.join(f'  --{k.replace("_", "-")} {getattr(r, k):g}: {v}' for k,v in why.items()))
     g_kw,c_kw = net_widths(r.arch, r.width)
+    if r.arch == 'style' and not r.small_data_style:  # the generator's own defaults instead of the small-data ones
+        g_kw.update({k: inspect.signature(StyleGenerator).parameters[k].default for k in SMALL_DATA_STYLE})
     budget = [TrainingBudget(r.kimg, r.minutes)] if r.kimg is not None or r.minutes is not None else []
     learn = gan_learner(dls, arch=r.arch, loss=r.loss, augment=r.augment, ada_target=r.ada_target, ada_kimg=r.ada_kimg,
                         ema=r.ema, ema_kimg=r.ema_kimg, seed=r.seed, lr_g=r.lr_g, lr_c=r.lr_c, betas_g=tuple(r.betas_g),

@@ -137,3 +137,20 @@ def test_bad_recipe_option_gives_one_line_naming_it(flag, value, cache_env, tmp_
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().startswith(f'medgan train: {flag}') and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path/'run'/'config.json').exists()
+
+def test_a_style_run_recorded_before_the_small_data_option_resumes_with_its_own_nets(mr_dir, cache_env, tmp_path, monkeypatch):
+    "A style run whose config.json predates `small_data_style` was trained with the generator's own defaults (4 mapping "
+    "layers, style mixing): resuming it rebuilds those nets, so its checkpoint loads, and a new run takes the small-data ones"
+    import medgan_fastai.learner as learner_mod
+    out = tmp_path/'old'
+    with monkeypatch.context() as m:  # the recipe as it was: nothing in g_kwargs, the generator's defaults
+        m.setattr(learner_mod, 'SMALL_DATA_STYLE', {})
+        train_run(mr_dir/'HFS', out=out, recipe=dict(TINY, arch='style'), epochs=1)
+    cfg = json.loads((out/'config.json').read_text()); del cfg['small_data_style']
+    (out/'config.json').write_text(json.dumps(cfg))  # as an older version wrote it
+    learn = train_run(out=out, epochs=2, resume=True)
+    assert learn.epoch == 1 and (out/'checkpoints'/'epoch_002.pth').exists()
+    G = learn.model.generator
+    assert (G.config['n_mapping'], G.config['mixing_prob']) == (4, 0.9)
+    new = train_run(mr_dir/'HFS', out=tmp_path/'new', recipe=dict(TINY, arch='style'), epochs=1)
+    assert (new.model.generator.config['n_mapping'], new.model.generator.config['mixing_prob']) == (2, 0.)
