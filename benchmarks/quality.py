@@ -125,25 +125,27 @@ def diversity(fake, fake_classes, real, real_classes, pairs, seed=0)->tuple:
         if worst is None or d[0] - d[1] > worst[0] - worst[1]: worst = d
     return worst
 
-def score(set_name, recipes, args, info):
+def generator_scores(G, real, real_classes, n:int)->tuple:
+    "(SWD, samples' and real slices' pair SSIM, copy rate of `n` samples of `G`; the samples, classes shuffled together for a grid)"
     import torch
-    from medgan_fastai.persist import load_generator
-    from medgan_fastai.latent import generate
     from medgan_fastai.metrics import swd, memorisation_audit
-    from medgan_fastai.diversity import pair_ssim, diversity_pairs
+    from medgan_fastai.diversity import diversity_pairs
+    fake, fake_classes = samples(G, n, real_classes)
+    fake_ssim, real_ssim = diversity(fake, fake_classes, real, real_classes, diversity_pairs(64, 1000, 0))
+    row = dict(swd=swd(real, fake, seed=0)['swd'], pair_ssim=fake_ssim, real_pair_ssim=real_ssim,
+               copy_rate=memorisation_audit(fake[:256], real).copy_rate)
+    return row, fake[torch.randperm(len(fake), generator=torch.Generator().manual_seed(1))] if fake_classes else fake
+
+def score(set_name, recipes, args, info):
+    from medgan_fastai.persist import load_generator
     out = Path(args.out)
     real, real_classes = real_slices(set_name, out)
     floor = real_floor(real)
-    pairs = diversity_pairs(64, 1000, 0)
     rows, fakes = [], {}
     for name in recipes:
         G = load_generator(out/set_name/name/'generator.pth', device='cpu')
-        fake, fake_classes = samples(G, args.n, real_classes)
-        fakes[name] = fake[torch.randperm(len(fake), generator=torch.Generator().manual_seed(1))] if fake_classes else fake
-        fake_ssim, real_ssim = diversity(fake, fake_classes, real, real_classes, pairs)
-        rows.append(dict(set=set_name, recipe=name, swd=swd(real, fake, seed=0)['swd'], floor=floor,
-                         pair_ssim=fake_ssim, real_pair_ssim=real_ssim,
-                         copy_rate=memorisation_audit(fake[:256], real).copy_rate, **info[name]))
+        row, fakes[name] = generator_scores(G, real, real_classes, args.n)
+        rows.append(dict(set=set_name, recipe=name, **row, floor=floor, **info[name]))
     return rows, fakes
 
 def grids(set_name, fakes, out:Path):

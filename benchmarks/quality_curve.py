@@ -25,16 +25,10 @@ import quality  # the sets, real slices and class-balanced sampling of the quali
 
 def snapshot_row(G, real, classes, n:int, path:Path)->dict:
     "The quality table's scores of generator `G` (SWD, pair SSIM next to the real slices', copy rate), and 32 samples saved to `path`"
-    import torch
-    from medgan_fastai.metrics import swd, memorisation_audit
-    from medgan_fastai.diversity import diversity_pairs
     from medgan_fastai.models import image_grid
-    fake, fake_classes = quality.samples(G, n, classes)
-    div = quality.diversity(fake, fake_classes, real, classes, diversity_pairs(64, 1000, 0))
-    shown = fake[torch.randperm(len(fake), generator=torch.Generator().manual_seed(1))] if fake_classes else fake  # classes mixed
+    row, shown = quality.generator_scores(G, real, classes, n)
     image_grid(shown[:32], nrow=8).save(path)
-    return dict(swd=swd(real, fake, seed=0)['swd'], pair_ssim=div[0], real_pair_ssim=div[1],
-                copy_rate=memorisation_audit(fake[:256], real).copy_rate)
+    return row
 
 def curve_callback(every:float, real, classes, n:int, rows:list, snapshots=(), snaps:list|None=None, folder:Path|None=None):
     "A callback scoring the sampling generator every `every` kimg into `rows` (and into `snaps` at each of `snapshots` kimg)"
