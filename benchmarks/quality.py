@@ -10,7 +10,8 @@ volume of the MR's HFS series cut coronally (reformatted slices, anisotropic vox
 `mixed` a varied labelled set for conditional training (`--label folder`): four classes from four sources, scanners,
 modalities and planes (MR sagittal, CT axial in the brain window, the MNI template axial, the MR volume coronal), written
 as PNG class folders by `medgan convert` as a user with a multi-source JPG/PNG set would have it. On `mixed` the
-diversity is measured per class (samples of class k against real slices of class k; the table shows the worst class).
+samples come in the classes' shares of the real slices (the distribution SWD compares them with), and the diversity is
+measured per class (samples of class k against real slices of class k; the table shows the worst class).
 
 Each run trains in its own process through `run.train_run(..., minutes=M)` (the budget covers training, not data
 loading), one after the other, never two at once. Then `--n` samples of each exported generator are scored against the
@@ -100,14 +101,17 @@ def real_floor(real)->float:
     return swd(real[perm[:len(real) // 2]], real[perm[len(real) // 2:]], seed=0)['swd']
 
 def samples(G, n:int, classes):
-    "`n` samples of `G`; for a conditional generator, an equal share of every class, with the class of each"
+    """`n` samples of `G`; for a conditional generator, each class in its share of the real slices' `classes` (the
+    distribution SWD compares them with), with the class of each"""
+    from collections import Counter
     from medgan_fastai.latent import generate
     if not getattr(G, 'n_classes', 0): return generate(G, list(range(n))), None
-    vocab = [str(v) for v in G.vocab]
-    per = n // len(vocab)
     import torch
-    return (torch.cat([generate(G, list(range(i * per, (i + 1) * per)), labels=k) for i, k in enumerate(vocab)]),
-            [k for k in vocab for _ in range(per)])
+    count = Counter(classes)
+    per = {str(k): round(n * count[str(k)] / len(classes)) for k in G.vocab}
+    starts = dict(zip(per, [0] + list(torch.tensor(list(per.values())).cumsum(0).tolist())))
+    return (torch.cat([generate(G, list(range(starts[k], starts[k] + m)), labels=k) for k, m in per.items() if m]),
+            [k for k, m in per.items() for _ in range(m)])
 
 def diversity(fake, fake_classes, real, real_classes, pairs, seed=0)->tuple:
     "(samples' pair SSIM, real slices' pair SSIM): overall, or for the class whose samples are most alike relative to its real slices"
@@ -131,10 +135,11 @@ def generator_scores(G, real, real_classes, n:int)->tuple:
     from medgan_fastai.metrics import swd, memorisation_audit
     from medgan_fastai.diversity import diversity_pairs
     fake, fake_classes = samples(G, n, real_classes)
+    shuffled = fake[torch.randperm(len(fake), generator=torch.Generator().manual_seed(1))] if fake_classes else fake
     fake_ssim, real_ssim = diversity(fake, fake_classes, real, real_classes, diversity_pairs(64, 1000, 0))
     row = dict(swd=swd(real, fake, seed=0)['swd'], pair_ssim=fake_ssim, real_pair_ssim=real_ssim,
-               copy_rate=memorisation_audit(fake[:256], real).copy_rate)
-    return row, fake[torch.randperm(len(fake), generator=torch.Generator().manual_seed(1))] if fake_classes else fake
+               copy_rate=memorisation_audit(shuffled[:256], real).copy_rate)  # every class audited, not the first two
+    return row, shuffled
 
 def score(set_name, recipes, args, info):
     from medgan_fastai.persist import load_generator

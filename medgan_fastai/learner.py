@@ -77,7 +77,7 @@ def mode_seeking_term(fake:torch.Tensor, # `(bs, c, h, w)` images made from `noi
                       labels:torch.Tensor|None=None, # `(bs,)` classes: only images of the same class are paired
                       eps:float=1e-5, # keeps the inverse finite for identical images
                      )->torch.Tensor: # a scalar to add to the generator's loss (times its weight)
-    "Mode-seeking term (Mao et al. 2019): 1 / (mean image distance / noise distance) over pairs of the batch"
+    "Mode-seeking term (Mao et al. 2019): 1 / (mean image distance / noise distance) over pairs of the batch, each class weighing the same"
     if labels is None:  # disjoint pairs (0,1), (2,3), ...
         i = torch.arange(0, fake.shape[0] - 1, 2, device=fake.device)
         j = i + 1
@@ -88,7 +88,11 @@ def mode_seeking_term(fake:torch.Tensor, # `(bs, c, h, w)` images made from `noi
     if len(i) == 0: return fake.new_zeros(())  # no two images of one class in the batch
     d_img = (fake[i] - fake[j]).abs().flatten(1).mean(1)
     d_z = (noise[i] - noise[j]).abs().flatten(1).mean(1)
-    return 1 / ((d_img / d_z).mean() + eps)
+    ratio = d_img / d_z
+    if labels is not None:  # the mean within each class: a class with few images in the batch is not left to collapse
+        _,k = torch.unique(labels[i], return_inverse=True)
+        ratio = ratio.new_zeros(int(k.max()) + 1).index_add(0, k, ratio) / torch.bincount(k).to(ratio)
+    return 1 / (ratio.mean() + eps)
 
 # %% ../nbs/06_learner.ipynb #98411bdb
 def gan_splitter(model:GANModule)->list: return [params(model.generator), params(model.critic)]
@@ -252,7 +256,7 @@ def gan_defaults(arch:str='dcgan', # 'dcgan' or 'style'
                 n_crit=5 if loss == 'wgan-gp' else 1, r1_gamma=1. if style else 0., gp_weight=10. if loss == 'wgan-gp' else 0.,
                 spectral_norm=loss in ('hinge', 'ns'),  # BCE trains the BatchNorm critic of the DCGAN paper; WGAN-GP needs neither
                 # both recipes (not BCE: the tutorial's stays the tutorial's); short style runs made samples more alike than real slices without it
-                mode_seeking=(1. if conditional else 0.2) if loss in ('hinge', 'ns') else 0.)
+                mode_seeking=((1. if style else 0.5) if conditional else 0.2) if loss in ('hinge', 'ns') else 0.)
 
 # %% ../nbs/06_learner.ipynb #c1d2e011
 SMALL_DATA_STYLE = dict(n_mapping=2, mixing_prob=0.)  # the style generator's arguments in a training recipe (`g_kwargs` override them)
@@ -365,7 +369,7 @@ def gan_learner(dls, # from `data.gan_dls`: batches of (noise, images in [-1, 1]
                 lr_g:float|None=None, lr_c:float|None=None, # learning rates (default 2e-4 dcgan, 2e-3 style)
                 betas_g=None, betas_c=None, # Adam betas (default (0.5, 0.999) dcgan, (0, 0.99) style)
                 r1_gamma:float|None=None, # R1 weight (default 0 for dcgan, 1 for style)
-                mode_seeking:float|None=None, # weight of the mode-seeking term (default: 0.2, conditional 1; 0 for bce, wgan-gp)
+                mode_seeking:float|None=None, # weight of the mode-seeking term (default: 0.2; conditional: DCGAN 0.5, style 1; 0 for bce, wgan-gp)
                 augment:str|None='ada', # 'ada', a fixed DiffAugment policy such as 'translation,cutout,color', or None
                 ada_target:float=0.6, # ADA's target for the sign of the critic's output on reals
                 ada_kimg:float=10., # ADA's speed: thousands of real images for p to go from 0 to 1 (NVlabs: 500 for big GPU runs)
