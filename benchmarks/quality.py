@@ -109,8 +109,8 @@ def samples(G, n:int, classes):
     import torch
     count = Counter(classes)
     per = {str(k): round(n * count[str(k)] / len(classes)) for k in G.vocab}
-    starts = dict(zip(per, [0] + list(torch.tensor(list(per.values())).cumsum(0).tolist())))
-    return (torch.cat([generate(G, list(range(starts[k], starts[k] + m)), labels=k) for k, m in per.items() if m]),
+    seeds = iter(range(sum(per.values())))  # every sample its own noise seed, class after class
+    return (torch.cat([generate(G, [next(seeds) for _ in range(m)], labels=k) for k, m in per.items() if m]),
             [k for k, m in per.items() for _ in range(m)])
 
 def diversity(fake, fake_classes, real, real_classes, pairs, seed=0)->tuple:

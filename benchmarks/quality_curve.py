@@ -4,8 +4,8 @@
 Each recipe trains once through `run.train_run(..., kimg=N)` (auto-configuration, ADA, EMA: exactly `medgan train`); a callback
 scores the sampling (EMA) generator every `--every` thousand real images: `--n` samples against the set's training slices,
 with the time spent training so far (scoring time left out) and the samples' pair SSIM next to the real slices' (the
-worst class of a conditional set: a late collapse shows there). For a conditional set (`mixed`) the samples are an equal share
-of every class. Writes `curve.json` and `curve.png` (SWD against kimg, and against training seconds) to `--out`.
+worst class of a conditional set: a late collapse shows there). For a conditional set (`mixed`) the samples come in the
+classes' shares of the real slices. Writes `curve.json` and `curve.png` (SWD against kimg, and against training seconds) to `--out`.
 
 `--snapshot K1,K2..` scores the sampling generator once more when it passes each K kimg, as the quality table does (`--n`
 samples: SWD, pair SSIM, copy rate of `metrics.memorisation_audit` on 256), and saves 32 of its samples
@@ -21,7 +21,7 @@ On a GPU the runs use the recipe's GPU choices (bf16, larger batches); the curve
 import argparse, json, os, sys, time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality  # the sets, real slices and class-balanced sampling of the quality table
+import quality  # the sets, real slices and sampling of the quality table
 
 def snapshot_row(G, real, classes, n:int, path:Path)->dict:
     "The quality table's scores of generator `G` (SWD, pair SSIM next to the real slices', copy rate), and 32 samples saved to `path`"
