@@ -20,8 +20,9 @@ from .models import sample_images, image_grid
 from .persist import *
 
 # %% auto #0
-__all__ = ['GANState', 'gan_state', 'gen_mode', 'sampling_generator', 'skipped_epoch', 'SampleGrid', 'LossChart', 'smooth',
-           'GeneratorEMA', 'save_checkpoint', 'load_checkpoint', 'GANCheckpoint', 'TrainingBudget']
+__all__ = ['GANState', 'gan_state', 'gen_mode', 'sampling_generator', 'skipped_epoch', 'fit_ends_after_epoch', 'Pace',
+           'SampleGrid', 'LossChart', 'smooth', 'GeneratorEMA', 'save_checkpoint', 'load_checkpoint', 'GANCheckpoint',
+           'TrainingBudget']
 
 # %% ../nbs/05_callbacks.ipynb #0951e0a7
 @dataclass
@@ -37,6 +38,7 @@ class GANState:
     pl_mean:float=0. # running mean of a style generator's path lengths (learner's path-length penalty)
     n_img:int=0 # real images shown to the critic so far, all processes, across fits and resumes (learner; loss chart, `TrainingBudget`)
     diversity:dict|None=None # the latest sample-diversity measurement (`SampleDiversity`; loss chart)
+    fit_ends:bool=False # `fit` stops after the current epoch: a training budget ran out (`TrainingBudget`; paced tasks, `Pace`)
 
     @property
     def kimg(self)->float: return self.n_img / 1000  # training length in the unit of NVlabs' tools and papers
@@ -68,9 +70,32 @@ def skipped_epoch(learn)->bool:
     s = getattr(learn, 'skip_to_epoch', None)
     return s is not None and learn.epoch < s._skip_to
 
+def fit_ends_after_epoch(learn)->bool:
+    "Whether `fit` stops after the current epoch: its last one, or one in which a training budget ran out"
+    return learn.epoch >= learn.n_epoch - 1 or gan_state(learn).fit_ends
+
+# %% ../nbs/05_callbacks.ipynb #c0d1a021
+class Pace:
+    "Whether a task after an epoch (a grid, a measurement, a checkpoint) is due, so that it takes at most `overhead` of the time"
+    def __init__(self, overhead:float|None=None): # the task's largest share of the wall-clock time (None or 0: every epoch)
+        self.overhead,self.cost,self.done_at = overhead,0.,None
+
+    def start(self): self.done_at = None  # a new fit: its first epoch runs the task
+
+    def due(self, learn)->bool:
+        "Due after a fit's first and last epochs, and after any other once `cost / overhead` seconds passed since the last run"
+        if not self.overhead or self.done_at is None or fit_ends_after_epoch(learn): return True
+        return time.monotonic() - self.done_at >= self.cost / self.overhead
+
+    def timed(self, f, *args, **kwargs):
+        "Run the task `f(*args, **kwargs)` and record what it cost"
+        t = time.monotonic()
+        try: return f(*args, **kwargs)
+        finally: self.done_at = time.monotonic(); self.cost = self.done_at - t
+
 # %% ../nbs/05_callbacks.ipynb #93a7cb1d
 class SampleGrid(Callback):
-    "Save a grid from fixed noise after every epoch (`samples/epoch_001.png` ...) and a progression GIF at the end"
+    "Save a grid from fixed noise after epochs (`samples/epoch_001.png` ...), paced by `overhead`, and a progression GIF at the end"
     order = 80
     def __init__(self, folder='samples', # where the grids go (relative to `learn.path`)
                  n:int=64, # images per grid (a conditional generator gets one row of `nrow` per class instead)
@@ -78,9 +103,10 @@ class SampleGrid(Callback):
                  seed:int=0, # seed of the fixed noise
                  gif:str|None='progress.gif', # the animation, written at the end of `fit` (None: none)
                  show:bool|None=None, # display the grid in a notebook (default: when running in one)
+                 overhead:float|None=None, # the grids' largest share of the training time: they skip epochs to stay under it (`Pace`)
                 ):
         store_attr()
-        self._handle = None
+        self._handle,self.pace = None,Pace(overhead)
 
     def before_fit(self):
         g = self.learn.model.generator
@@ -91,9 +117,16 @@ class SampleGrid(Callback):
         self.sample_labels = torch.arange(k).repeat_interleave(n) if k else None
         if k: self.noise = self.noise.repeat(k, 1)
         self.dir = Path(self.learn.path)/self.folder
+        self.pace.start()
 
     def after_epoch(self):
         if skipped_epoch(self.learn) or rank_distrib(): return  # one process of a distributed run writes
+        d = gan_state(self.learn).diversity or {}
+        warned = d.get('epoch') == self.epoch + 1 and d.get('collapse_warning')  # the collapse watch names this grid
+        if warned or self.pace.due(self.learn): self.pace.timed(self.draw)
+
+    def draw(self):
+        "Save (and show) the grid of the epoch that just ended"
         imgs = sample_images(sampling_generator(self.learn), self.noise, labels=self.sample_labels)
         grid = image_grid(imgs, self.nrow)
         write_atomic(self.dir/f'epoch_{self.epoch + 1:03d}.png', lambda p: grid.save(p, format='PNG'), overwrite=True)
@@ -308,11 +341,18 @@ def load_checkpoint(learn, path)->int:
 
 # %% ../nbs/05_callbacks.ipynb #c8011ecd
 class GANCheckpoint(Callback):
-    "Save a checkpoint after every epoch (`checkpoints/epoch_003.pth`), atomically, keeping the last `keep`"
+    "Save a checkpoint after epochs (`checkpoints/epoch_003.pth`), paced by `overhead`, atomically, keeping the last `keep`"
     order = 90  # after the samples, the loss chart and the EMA update of the epoch
-    def __init__(self, folder='checkpoints', keep:int=2): store_attr()
+    def __init__(self, folder='checkpoints', keep:int=2,
+                 overhead:float|None=None): # the checkpoints' largest share of the training time: they skip epochs to stay under it (`Pace`)
+        store_attr()
+        self.pace = Pace(overhead)
+    def before_fit(self): self.pace.start()
     def after_epoch(self):
-        if skipped_epoch(self.learn) or rank_distrib(): return  # rank 0 writes for a distributed run
+        if skipped_epoch(self.learn) or rank_distrib() or not self.pace.due(self.learn): return  # rank 0 writes for a distributed run
+        self.pace.timed(self.save)
+    def save(self):
+        "Checkpoint the epoch that just ended and delete the older ones beyond `keep`"
         d = Path(self.learn.path)/self.folder
         save_checkpoint(self.learn, d/f'epoch_{self.epoch + 1:03d}.pth', self.epoch + 1)
         for old in checkpoint_files(d)[:-self.keep]: old.unlink()  # by epoch number: epoch_1000 is newer than epoch_999
@@ -327,7 +367,9 @@ class TrainingBudget(Callback):
         store_attr()
         self.reason = self.stopped_at = None
 
-    def before_fit(self): self.t0,self.reason,self.stopped_at = time.monotonic(),None,None
+    def before_fit(self):
+        self.t0,self.reason,self.stopped_at = time.monotonic(),None,None
+        gan_state(self.learn).fit_ends = False
 
     def spent(self)->str|None:
         "What ran out ('12.5 kimg', '5 minutes'), or None while training may go on"
@@ -353,6 +395,7 @@ class TrainingBudget(Callback):
     def after_batch(self):
         if not self.training or skipped_epoch(self.learn): return
         self.reason = self.spent()
+        if self.reason: gan_state(self.learn).fit_ends = True  # the epoch's tasks run, whatever their pace
         if self.reason and self.iter < self.n_iter - 1: self._stop('batch')
     def after_epoch(self):
         if self.reason and not skipped_epoch(self.learn): self._stop('epoch')  # after the epoch's samples, chart and checkpoint

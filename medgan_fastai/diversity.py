@@ -80,22 +80,24 @@ def stalled_collapse(recent:list, # one class's samples' pair SSIM at its last m
 
 # %% ../nbs/05b_diversity.ipynb #c0d1a006
 class SampleDiversity(Callback):
-    "Each epoch, the mean pair SSIM of fixed-noise samples (per class) against the real slices'; warn when samples grow alike"
+    "After epochs (paced by `overhead`), the mean pair SSIM of fixed-noise samples (per class) against the real slices'; warn when samples grow alike"
     order = 79  # after the epoch's EMA updates, before `LossChart` (81) writes the epoch's row
     def __init__(self, n:int=32, # samples (and real slices) per class
                  n_pairs:int=256, # pairs per class
                  margin:float=0.05, # samples count as collapsing when their pair SSIM exceeds the real slices' by more ...
-                 patience:int=3, # ... in this many epochs in a row
+                 patience:int=3, # ... in this many measurements in a row
                  warmup_kimg:float=5., # the margin rule waits this many thousand images: an unformed generator's samples are all alike
                  gross_ssim:float=0.9, # the gross rule, from `gross_kimg` on: samples whose pair SSIM stays above this ...
                  gross_margin:float=0.3, # ... and above the real slices' by more than this, ...
-                 min_drop:float=0.02, # ... and falls by less than this over `patience` epochs, have collapsed
+                 min_drop:float=0.02, # ... and falls by less than this over `patience` measurements, have collapsed
                  gross_kimg:float=1., # thousands of images before the gross rule applies
                  seed:int=0, # seed of the fixed noise, the pairs and the real slices chosen
                  warnings_file:str|None='warnings.txt', # where warnings are added (relative to `learn.path`; None: console only)
+                 overhead:float|None=None, # the watch's largest share of the training time: it skips epochs to stay under it (`callbacks.Pace`)
                 ):
         store_attr()
         self.real,self.history,self.recent,self.streak,self.warned,self.n_img = None,[],[],0,False,None
+        self.pace = Pace(overhead)
 
     def before_fit(self):
         g = self.learn.model.generator
@@ -103,6 +105,7 @@ class SampleDiversity(Callback):
         self.noise = torch.randn(self.n, g.z_dim, generator=torch.Generator().manual_seed(self.seed))
         self.pairs = diversity_pairs(self.n, self.n_pairs, self.seed)
         self.fit_measured,self.fit_warned = False,False
+        self.pace.start()
         if self.real is None:  # once per run: a resumed run gets it from its checkpoint
             reals = real_slices_by_class(self.learn.dls, self.n, self.seed)
             self.real = {k: pair_ssim(v, diversity_pairs(len(v), self.n_pairs, self.seed)) for k,v in reals.items() if len(v) > 1}
@@ -121,8 +124,8 @@ class SampleDiversity(Callback):
                     worst_class=k, per_class={c: (fake[c], self.real[c]) for c in fake})
 
     def after_epoch(self):
-        if skipped_epoch(self.learn) or rank_distrib() or not self.real: return
-        fake = self.measure()
+        if skipped_epoch(self.learn) or rank_distrib() or not self.real or not self.pace.due(self.learn): return
+        fake = self.pace.timed(self.measure)
         d = self._figures(fake)
         gap = d['pair_ssim'] - d['real_pair_ssim']
         self.streak = self.streak + 1 if gap > self.margin and self.n_img >= self.warmup_kimg * 1000 else 0
@@ -148,10 +151,10 @@ def warn(self:SampleDiversity, d:dict, # the figures of the measurement (`GANSta
     cls = f' of class {vocab[d["worst_class"]] if vocab else d["worst_class"]}' if self.n_classes else ''
     figs = f'mean pair SSIM {d["pair_ssim"]:.3f} against {d["real_pair_ssim"]:.3f}'
     grid = f'samples/epoch_{d["epoch"]:03d}.png'
-    msg = {'margin': f'epoch {d["epoch"]}: samples{cls} are more alike than the real slices for {self.patience} epochs '
+    msg = {'margin': f'epoch {d["epoch"]}: samples{cls} are more alike than the real slices in {self.patience} measurements '
                      f'({figs}, margin {self.margin}): the generator may be collapsing to few images; see {grid}',
            'gross': f'epoch {d["epoch"]} ({d["kimg"]:.2f} kimg): samples{cls} are nearly identical, far more alike than the real '
-                    f'slices, and have not grown more varied in {self.patience} epochs ({figs}): the generator is collapsing to '
+                    f'slices, and have not grown more varied in {self.patience} measurements ({figs}): the generator is collapsing to '
                     f'few images; see {grid}',
            'end': f'training ended at epoch {d["epoch"]} ({d["kimg"]:.2f} kimg) while samples{cls} were still more alike than '
                   f'the real slices ({figs}, margin {self.margin}): the generator is unformed or collapsing; see the last '

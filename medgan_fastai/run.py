@@ -46,7 +46,7 @@ def recipe_options(source:str=None, # DICOM/PNG/JPG folder (recursive); default:
                    mode_seeking:float=None, # weight of the mode-seeking term that keeps different noise making different images (default: 0.2; with --label: DCGAN 0.5, style 1; bce and wgan-gp 0)
                    z_dim:int=None, # noise length (default 100 dcgan, 128 style)
                    skip_blank:bool=True, # leave out slices that are mostly background (--no-skip-blank keeps them)
-                   samples:int=64, # images in each epoch's sample grid
+                   samples:int=64, # images in each sample grid
                    label:str=None, # conditional GAN: class labels from 'folder' (parent folder names), a DICOM tag, 'seg' (NIfTI segmentations, see --seg-rule) or a CSV file (file,label or subject,label)
                    label_map:str=None, # map label values to classes: a JSON file, VALUE=CLASS,VALUE=CLASS, or a dict
                    allow_identifying_label:bool=False, # accept a --label that identifies patients (PatientName, PatientID, ...)
@@ -65,6 +65,7 @@ def recipe_options(source:str=None, # DICOM/PNG/JPG folder (recursive); default:
                    data_licence:str=None, # the training data's licence, as you state it (written into the model card)
                    kimg:float=None, # train until this many thousand real images were shown (the run's total; replaces --epochs)
                    minutes:float=None, # wall-clock budget of this invocation in minutes, ending with a checkpoint and export (replaces --epochs)
+                   overhead:float=0.03, # the largest share of the training time each of the sample grids, the collapse watch and the checkpoints may take: they skip epochs to stay under it (0: after every epoch)
                 )->dict:
     "Every option of a GAN training run with its default (`None`: the architecture's, `Recipe.resolved`, or the data's, `auto_config`)"
     return dict(locals())
@@ -197,7 +198,8 @@ def recipe_learner(recipe:Recipe, # a resolved recipe
     learn = gan_learner(dls, arch=r.arch, loss=r.loss, augment=r.augment, ada_target=r.ada_target, ada_kimg=r.ada_kimg,
                         ema=r.ema, ema_kimg=r.ema_kimg, seed=r.seed, lr_g=r.lr_g, lr_c=r.lr_c, betas_g=tuple(r.betas_g),
                         betas_c=tuple(r.betas_c), n_crit=r.n_crit, r1_gamma=r.r1_gamma, mode_seeking=r.mode_seeking, g_kwargs=g_kw, c_kwargs=c_kw, path=Path(path),
-                        cbs=[SampleGrid(n=r.samples), SampleDiversity(), LossChart(), GANCheckpoint(keep=keep)] + budget + list(cbs or []),
+                        cbs=[SampleGrid(n=r.samples, overhead=r.overhead), SampleDiversity(overhead=r.overhead), LossChart(),
+                             GANCheckpoint(keep=keep, overhead=r.overhead)] + budget + list(cbs or []),
                         precision=r.precision, channels_last=bool(r.channels_last))
     learn.recipe,learn.auto_reasons = r,why
     return learn

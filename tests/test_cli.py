@@ -16,7 +16,8 @@ def _run(args, env, check=True):
     return r
 
 def _train_args(src, out, epochs):
-    return [MEDGAN, 'train', str(src), '--size', '32', '--bs', '16', '--epochs', str(epochs), '--out', str(out), '--seed', '7', '--samples', '16']
+    return [MEDGAN, 'train', str(src), '--size', '32', '--bs', '16', '--epochs', str(epochs), '--out', str(out), '--seed', '7', '--samples', '16',
+            '--overhead', '0']  # a grid and a checkpoint after every epoch, as these tests count them
 
 @pytest.fixture(scope='module')
 def run2(mr_dir, env, tmp_path_factory):

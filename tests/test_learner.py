@@ -133,3 +133,24 @@ def test_fp16_loss_scales_are_restored_on_resume(tmp_path, mr32):
     mp2 = again.gan_mixed_precision
     mp2.before_fit()
     assert mp2.scalers['critic'].get_scale() == 123. and mp2.scalers['generator'].get_scale() == 456.
+
+def test_paced_tasks_skip_epochs_keep_the_first_and_last_and_leave_training_alone(mr32, tmp_path):
+    "With a tiny `overhead` share, grids, diversity and checkpoints run after a fit's first and last epochs only, "
+    "also when a budget ends the fit; the weights are bitwise those of a run that did every task after every epoch"
+    from medgan_fastai.diversity import SampleDiversity
+    def run(path, overhead, epochs, budget=None):
+        cbs = [SampleGrid(n=16, nrow=4, gif=None, overhead=overhead), SampleDiversity(n=8, overhead=overhead),
+               GANCheckpoint(keep=20, overhead=overhead)] + ([TrainingBudget(kimg=budget)] if budget else [])
+        learn = gan_learner(mr32, arch='dcgan', seed=0, ema=True, path=path, cbs=cbs)
+        with learn.no_logging(), learn.no_bar(): learn.fit(epochs)
+        names = lambda d: sorted(p.stem for p in (path/d).glob('epoch_*'))
+        return learn, names('samples'), names('checkpoints'), [h['epoch'] for h in cbs[1].history]
+    paced, grids, cks, measured = run(tmp_path/'paced', 1e-4, 6)     # a grid (>= 5 ms) then waits >= 50 s of training
+    assert grids == cks == ['epoch_001', 'epoch_006'] and measured == [1, 6]
+    every, grids, cks, measured = run(tmp_path/'every', None, 6)
+    assert len(grids) == len(cks) == len(measured) == 6
+    for a, b in ((paced.model.generator, every.model.generator), (paced.gan_state.ema, every.gan_state.ema)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    n = len(mr32.train) * mr32.train.bs                                # images an epoch
+    _, grids, cks, measured = run(tmp_path/'budget', 1e-4, 10, budget=4 * n / 1000)
+    assert grids == cks == ['epoch_001', 'epoch_004'] and measured == [1, 4]  # the budget's last epoch is never skipped
