@@ -206,11 +206,17 @@ def main():
         set_rows, fakes = score(s, recipes, args, info)
         rows += set_rows
         grids(s, fakes, out)
+        save(out, args, rows)  # after every set: a run stopped later keeps the sets it finished
     print(f'\n{args.minutes:g} minutes per run, {SIZE} px, {args.threads} threads; SWD x1e3 of {args.n} samples against the '
           f'training slices (floor: real half vs half); pairSSIM of 64 samples vs 64 real slices (real)\n')
     print(table(rows))
     print(f'\ngrids (left to right: {", ".join(recipes)}): {out}/grids_SET.png')
-    (out/'quality.json').write_text(json.dumps(dict(minutes=args.minutes, size=SIZE, threads=args.threads, rows=rows), indent=1))
+
+def save(out:Path, args, rows):
+    "Write the rows so far to `quality.json`, atomically"
+    from medgan_fastai.persist import write_atomic
+    text = json.dumps(dict(minutes=args.minutes, size=SIZE, threads=args.threads, rows=rows), indent=1)
+    write_atomic(out/'quality.json', lambda p: Path(p).write_text(text), overwrite=True)
 
 if __name__ == '__main__':
     main()
