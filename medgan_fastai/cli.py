@@ -83,10 +83,15 @@ def train(out:str='runs/demo', # run folder (samples, loss chart, checkpoints, g
          ):
     "Train a GAN on DICOM (or PNG/JPG) slices through fastai; outputs go to one run folder"
     from medgan_fastai.run import train_run
+    from medgan_fastai.persist import WriteError, latest_checkpoint
     try: return train_run(out=out, epochs=epochs, resume=resume, force=force, keep=keep, gpus=gpus, **recipe)
     except KeyboardInterrupt:
         print(f'continue with: medgan train --out {out} --resume --epochs {epochs}')
         sys.exit(130)
+    except WriteError:  # a full disk: the checkpoints written so far are whole, so the run can go on once there is space
+        if latest_checkpoint(Path(out)/'checkpoints') is not None:
+            print(f'once there is space, continue with: medgan train --out {out} --resume --epochs {epochs}')
+        raise
 
 # %% ../nbs/10_cli.ipynb #afa181b1
 def train_parser()->argparse.ArgumentParser:
@@ -398,4 +403,5 @@ def main(argv:list|None=None): # arguments (default: `sys.argv[1:]`)
     try: f(**args)  # commands report by printing; their return values are for Python callers
     except Exception as e:
         if not bad_input(e): raise
-        sys.exit(f'medgan {name}: {e}')  # bad input: one line naming the file and the reason, exit code 1
+        # the library's errors print as "path: reason" even when fastai prefixed the callback that raised them
+        sys.exit(f'medgan {name}: {e.path}: {e.reason}' if hasattr(e, 'path') and hasattr(e, 'reason') else f'medgan {name}: {e}')  # bad input: one line naming the file and the reason, exit code 1

@@ -6,7 +6,7 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/persist.html.md"""
 
 # %% ../nbs/01c_persist.ipynb #p0000004
 from __future__ import annotations
-import importlib.util, json, os, random, re, tempfile, time, warnings
+import importlib.util, json, os, random, re, shutil, tempfile, time, warnings
 from pathlib import Path
 import numpy as np, torch
 from torch import nn
@@ -16,13 +16,23 @@ from .models import build_generator
 from .style import StyleGenerator  # registers the style architecture with `build_generator`
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'GENERATOR_FORMAT', 'PRETRAINED_DIR', 'PRETRAINED', 'write_atomic', 'rng_state', 'set_rng_state',
-           'load_weights_only', 'CheckpointError', 'plain_state', 'write_checkpoint', 'read_checkpoint',
-           'checkpoint_epoch', 'checkpoint_files', 'latest_checkpoint', 'remove_stale_temporaries',
+__all__ = ['CHECKPOINT_FORMAT', 'GENERATOR_FORMAT', 'PRETRAINED_DIR', 'PRETRAINED', 'WriteError', 'write_atomic', 'rng_state',
+           'set_rng_state', 'load_weights_only', 'CheckpointError', 'plain_state', 'write_checkpoint',
+           'read_checkpoint', 'checkpoint_epoch', 'checkpoint_files', 'latest_checkpoint', 'remove_stale_temporaries',
            'loadable_checkpoint', 'check_generator_state', 'save_generator', 'model_file', 'load_generator']
 
 # %% ../nbs/01c_persist.ipynb #ceae1ae9
 _UMASK = os.umask(0); os.umask(_UMASK)  # the process's umask, read once (reading it means setting it)
+
+class WriteError(InputError):
+    "A file that could not be written (a full disk, a size limit, no permission): `path` names it, `reason` says why"
+
+def _write_failure(e:Exception, folder:Path)->str:
+    "Why a write failed, with the free space left where it was going (torch reports a full disk as a `RuntimeError` from its zip writer)"
+    try: free = f'{shutil.disk_usage(folder).free/2**20:,.0f} MB free there'
+    except OSError: free = 'free space unknown'
+    msg = str(e).splitlines()[0][:200] if str(e) else ''
+    return f'could not be written ({type(e).__name__}: {msg}; {free}); nothing already there was changed'
 
 def write_atomic(path, # destination
                  write, # called with a temporary path beside `path`; writes the content there
@@ -35,7 +45,8 @@ def write_atomic(path, # destination
     fd,tmp = tempfile.mkstemp(prefix=f'.{path.stem}.', suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        try: write(tmp)
+        except (OSError, RuntimeError) as e: raise WriteError(path, _write_failure(e, path.parent)) from None
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; outputs get the usual permissions
         if overwrite: os.replace(tmp, path); return True
         # a hard link creates `path` only if it does not exist, so two writers cannot both win

@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from .dicom import InputError
 from .series import SourceError
 from .volumes import VolumeOptions, VOLUME_FLAGS, volume_flags, options_key
-from .persist import model_file, load_generator, write_atomic
+from .persist import model_file, load_generator, write_atomic, WriteError
 from .metrics import image_batch, copy_similarity, memorisation_audit, MemorisationAudit
 
 # %% auto #0
@@ -91,7 +91,7 @@ class PrivacyFilter:
         if file is not None:
             d = dict(key=k, calibration=a.calibration, note=a.note, reference_similarity=a.reference_similarity.tolist())
             try: write_atomic(file, lambda p: Path(p).write_text(json.dumps(d)), overwrite=True)
-            except OSError: pass  # a read-only cache: calibrate again next time
+            except (OSError, WriteError): pass  # a read-only or full cache folder: calibrate again next time
         return a.reference_similarity, a.calibration, a.note
 
     def __repr__(self):

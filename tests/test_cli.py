@@ -105,6 +105,31 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(mr_dir, env, tmp_path):
     r = _run([MEDGAN, 'train', '--out', str(out), '--resume', '--epochs', str(int(saved[0].name[6:9]) + 1)], env)
     assert 'resuming' in r.stdout and (out/'generator.pth').exists()
 
+def _file_size_limit(nbytes):
+    "For `preexec_fn`: files the process writes may not grow past `nbytes` (a full disk, for writing; SIGXFSZ becomes an error)"
+    import resource, signal
+    def f():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return f
+
+def test_a_checkpoint_that_cannot_be_written_ends_the_run_in_one_line_and_keeps_the_last(mr_dir, env, tmp_path):
+    out = tmp_path/'full'
+    _run(_train_args(mr_dir/'HFS', out, 1), env)
+    ck = out/'checkpoints'/'epoch_001.pth'
+    before = ck.read_bytes()
+    # checkpoints are ~25 MB at this size; samples, charts and the slice cache stay far below 10 MB
+    r = subprocess.run([MEDGAN, 'train', '--out', str(out), '--resume', '--epochs', '2'], env=env, capture_output=True, text=True,
+                       timeout=600, preexec_fn=_file_size_limit(10 * 2**20))
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert 'Traceback' not in r.stderr and 'epoch_002.pth' in r.stderr and 'could not be written' in r.stderr, r.stderr[-2000:]
+    assert 'MB free there' in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f'continue with: medgan train --out {out} --resume' in r.stdout
+    assert sorted(p.name for p in (out/'checkpoints').iterdir()) == ['epoch_001.pth']  # no temporary left behind
+    assert ck.read_bytes() == before
+    r = _run([MEDGAN, 'train', '--out', str(out), '--resume', '--epochs', '2'], env)   # space again: the run goes on
+    assert 'after epoch 1' in r.stdout and (out/'checkpoints'/'epoch_002.pth').exists()
+
 # --- evaluate: utility, intervals and the floor; generate --units hu
 
 def _conditional_run(folder, window='auto', label='Modality'):
