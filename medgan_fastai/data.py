@@ -6,7 +6,7 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/data.html.md"""
 
 # %% ../nbs/02b_data.ipynb #43c5f62c
 from __future__ import annotations
-import os, shutil
+import os
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -378,10 +378,9 @@ def demo_series(folder=None, # default: `default_cache_dir()/'demo'/'mni152_2009
     aff = img.affine
     positions = [(-(aff[0, 3] + (vol.shape[0] - 1)), -(aff[1, 3] + (vol.shape[1] - 1)), aff[2, 3] + z) for z in zs]
     anatomy = Dataset(); anatomy.BodyPartExamined = 'BRAIN'  # an unpaired part: Laterality is left out
-    tmp = folder.with_name(f'.{folder.name}.{os.getpid()}.tmp')
-    if tmp.exists(): shutil.rmtree(tmp)  # left by an interrupted run of this process id
-    write_dicom_series(slices, tmp, modality='MR', units='modality', synthetic=False,
-                       series_description='MNI ICBM152 2009a T1 template, axial (derived)',
-                       pixel_spacing=(1.0, 1.0), slice_thickness=float(step), positions=positions, template=anatomy)
-    (tmp/'.complete').write_text(_DEMO_STAMP)
+    with staging_folder(folder) as tmp:  # removed if writing fails: no half-written series is left
+        write_dicom_series(slices, tmp, modality='MR', units='modality', synthetic=False,
+                           series_description='MNI ICBM152 2009a T1 template, axial (derived)',
+                           pixel_spacing=(1.0, 1.0), slice_thickness=float(step), positions=positions, template=anatomy)
+        (tmp/'.complete').write_text(_DEMO_STAMP)
     return publish_folder(tmp, folder, complete)

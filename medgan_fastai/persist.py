@@ -25,14 +25,16 @@ __all__ = ['CHECKPOINT_FORMAT', 'GENERATOR_FORMAT', 'PRETRAINED_DIR', 'PRETRAINE
 _UMASK = os.umask(0); os.umask(_UMASK)  # the process's umask, read once (reading it means setting it)
 
 class WriteError(InputError):
-    "A file that could not be written (a full disk, a size limit, no permission): `path` names it, `reason` says why"
-
-def _write_failure(e:Exception, folder:Path)->str:
-    "Why a write failed, with the free space left where it was going (torch reports a full disk as a `RuntimeError` from its zip writer)"
-    try: free = f'{shutil.disk_usage(folder).free/2**20:,.0f} MB free there'
-    except OSError: free = 'free space unknown'
-    msg = str(e).splitlines()[0][:200] if str(e) else ''
-    return f'could not be written ({type(e).__name__}: {msg}; {free}); nothing already there was changed'
+    "A file or folder that could not be written (a full disk, a size limit, no permission): `path` names it, `reason` says why"
+    @classmethod
+    def of(cls, path, # what was being written
+           e:Exception, # the error the write raised (torch reports a full disk as a `RuntimeError` from its zip writer)
+          ):
+        "The `WriteError` of `e`, with the free space left where `path` was going"
+        try: free = f'{shutil.disk_usage(Path(path).parent).free/2**20:,.0f} MB free there'
+        except OSError: free = 'free space unknown'
+        msg = str(e).splitlines()[0][:200] if str(e) else ''
+        return cls(path, f'could not be written ({type(e).__name__}: {msg}; {free}); nothing already there was changed')
 
 def write_atomic(path, # destination
                  write, # called with a temporary path beside `path`; writes the content there
@@ -46,7 +48,7 @@ def write_atomic(path, # destination
     os.close(fd)
     try:
         try: write(tmp)
-        except (OSError, RuntimeError) as e: raise WriteError(path, _write_failure(e, path.parent)) from None
+        except (OSError, RuntimeError) as e: raise WriteError.of(path, e) from None
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; outputs get the usual permissions
         if overwrite: os.replace(tmp, path); return True
         # a hard link creates `path` only if it does not exist, so two writers cannot both win

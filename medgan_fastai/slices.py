@@ -7,6 +7,7 @@ Docs: https://medgan-fastai.github.io/medgan_fastai/slices.html.md"""
 # %% ../nbs/02a_slices.ipynb #43c5f62c
 from __future__ import annotations
 import ctypes, gc, hashlib, json, os, shutil, time, warnings, zlib
+from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from PIL import Image
@@ -17,11 +18,12 @@ from fastprogress.fastprogress import progress_bar
 from .dicom import *
 from .series import *
 from .volumes import *
+from .persist import WriteError
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'MAX_SOURCE_SIDE', 'MIN_SOURCE_SIDE', 'window_title', 'window_list', 'square_slice',
            'ImageFileError', 'read_image_slice', 'read_slice', 'default_cache_dir', 'source_files', 'publish_folder',
-           'read_items', 'file_crc32', 'SliceCache', 'prepare', 'blank_mask']
+           'staging_folder', 'read_items', 'file_crc32', 'SliceCache', 'prepare', 'blank_mask']
 
 # %% ../nbs/02a_slices.ipynb #74a2fa2b
 def _is_pair(window)->bool:
@@ -226,6 +228,20 @@ def publish_folder(stage:Path, # a finished folder, private to this process
             os.rename(stage, folder)
     return Path(folder)
 
+# %% ../nbs/02a_slices.ipynb #stg00001
+@contextmanager
+def staging_folder(folder:Path, # where the result will belong
+                  ):
+    "A new folder private to this process beside `folder` to build in; removed again if the build fails"
+    stage = Path(folder).with_name(f'.{Path(folder).name}.{os.getpid()}.tmp')
+    if stage.exists(): shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    try: yield stage
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None: raise WriteError.of(folder, e) from None  # a full disk names no file
+        raise
+
 # %% ../nbs/02a_slices.ipynb #a64bfeb6
 _TEXT_COLUMNS = ('file', 'reason', 'sop_class', 'modality', 'series_uid', 'study_uid', 'patient', 'photometric',
                  'subject', 'axis', 'seg_class', 'window_used')  # the last four: NIfTI rows (`volumes.volume_slices`)
@@ -373,39 +389,37 @@ def build(cls:SliceCache,
          )->SliceCache:
     "Decode, window and resize every item once into `folder`; bad files are kept as rows with a reason"
     final = Path(folder)
-    folder = final.with_name(f'.{final.name}.{os.getpid()}.tmp')  # private until `publish_folder`
-    if folder.exists(): shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    if isinstance(items, pd.DataFrame):
-        items = items.reset_index(drop=True).copy()
-        units,work = list(zip(items.file.astype(str), items.frame)),_decode_chunk
-    else: units,work = [str(f) for f in items],_scan_decode_chunk
-    file_of = (lambda u: u[0]) if isinstance(items, pd.DataFrame) else (lambda u: u)
-    n_vols = len({file_of(u) for u in units if is_nifti(file_of(u))})
-    # a volume weighs as much as a folder of slices: two volumes are worth a pool, 64 small files are not
-    n_workers = (os.cpu_count() if n_workers is None else n_workers) if len(units) + 63 * n_vols > 64 else 0
-    chunk = max(1, min(32, len(units) // max(1, 4 * (n_workers or 1))))
-    vopts = volume_options(volume) if n_vols else None
-    jobs = [(u, window, size, channels, tags, vopts) for u in _jobs(units, chunk, file_of)]
-    c = len(window_list(window)) if channels is None or channels == 1 else channels
-    out = _SliceWriter(folder/'slices.u16.tmp', (c, size, size))
-    try:
-        with ProcessPoolExecutor(n_workers, initializer=_worker_init) as ex:  # 0 workers: fastcore maps in this process
-            res = ex.map(work, jobs)
-            for r in progress_bar(res, total=len(jobs), leave=False) if progress else res: out.take(r)
-    finally: out.f.close()
-    items,crc = _item_table(items, out, tags)
-    shape = (out.n, *out.shape)
-    os.replace(out.path, folder/'slices.u16')
-    items['index'] = np.where(items.ok, np.cumsum(items.ok) - 1, -1)
-    if skipped is not None and len(skipped): items = pd.concat([items, skipped.assign(ok=False, index=-1)], ignore_index=True)
-    items.to_csv(folder/'items.csv', index=False)
-    meta = dict(complete=True, shape=list(shape), crc32=crc if int(np.prod(shape)) * 2 <= 2**30 else None,  # `is_valid` checks up to 1 GiB
-                window=window_title(window), size=size, created=time.strftime('%Y-%m-%dT%H:%M:%S'))
-    if vopts is not None: meta['volume'] = options_key(vopts)
-    (folder/'meta.json.tmp').write_text(json.dumps(meta))
-    os.replace(folder/'meta.json.tmp', folder/'meta.json')  # written last: a cache without it is incomplete
-    return cls(publish_folder(folder, final, cls.is_valid))
+    with staging_folder(final) as folder:  # private until `publish_folder`; removed if the build fails
+        if isinstance(items, pd.DataFrame):
+            items = items.reset_index(drop=True).copy()
+            units,work = list(zip(items.file.astype(str), items.frame)),_decode_chunk
+        else: units,work = [str(f) for f in items],_scan_decode_chunk
+        file_of = (lambda u: u[0]) if isinstance(items, pd.DataFrame) else (lambda u: u)
+        n_vols = len({file_of(u) for u in units if is_nifti(file_of(u))})
+        # a volume weighs as much as a folder of slices: two volumes are worth a pool, 64 small files are not
+        n_workers = (os.cpu_count() if n_workers is None else n_workers) if len(units) + 63 * n_vols > 64 else 0
+        chunk = max(1, min(32, len(units) // max(1, 4 * (n_workers or 1))))
+        vopts = volume_options(volume) if n_vols else None
+        jobs = [(u, window, size, channels, tags, vopts) for u in _jobs(units, chunk, file_of)]
+        c = len(window_list(window)) if channels is None or channels == 1 else channels
+        out = _SliceWriter(folder/'slices.u16.tmp', (c, size, size))
+        try:
+            with ProcessPoolExecutor(n_workers, initializer=_worker_init) as ex:  # 0 workers: fastcore maps in this process
+                res = ex.map(work, jobs)
+                for r in progress_bar(res, total=len(jobs), leave=False) if progress else res: out.take(r)
+        finally: out.f.close()
+        items,crc = _item_table(items, out, tags)
+        shape = (out.n, *out.shape)
+        os.replace(out.path, folder/'slices.u16')
+        items['index'] = np.where(items.ok, np.cumsum(items.ok) - 1, -1)
+        if skipped is not None and len(skipped): items = pd.concat([items, skipped.assign(ok=False, index=-1)], ignore_index=True)
+        items.to_csv(folder/'items.csv', index=False)
+        meta = dict(complete=True, shape=list(shape), crc32=crc if int(np.prod(shape)) * 2 <= 2**30 else None,  # `is_valid` checks up to 1 GiB
+                    window=window_title(window), size=size, created=time.strftime('%Y-%m-%dT%H:%M:%S'))
+        if vopts is not None: meta['volume'] = options_key(vopts)
+        (folder/'meta.json.tmp').write_text(json.dumps(meta))
+        os.replace(folder/'meta.json.tmp', folder/'meta.json')  # written last: a cache without it is incomplete
+        return cls(publish_folder(folder, final, cls.is_valid))
 
 # %% ../nbs/02a_slices.ipynb #81d5d00f
 def _cache_key(files_stat, window, size, channels, tags, volume=None)->str:

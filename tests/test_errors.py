@@ -66,3 +66,17 @@ def test_evaluate_without_inception_weights_reports_what_it_could(user, tmp_path
     assert 'swd' in r.stdout
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and 'fid not computed' in err[0] and 'no_weights.pth' in err[0]
+
+def test_a_full_disk_while_decoding_leaves_no_half_built_cache(user, tmp_path):
+    "Writing the decoded slices fails (a file size limit stands in for a full disk): one line naming the cache, nothing half-built left"
+    import resource, signal
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit then fails the write (EFBIG) instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 2**10, 64 * 2**10))  # 20 slices of 64x64 at 16 bits are 160 KB
+    env = {**os.environ, 'MEDGAN_CACHE': str(tmp_path/'cache'), 'TORCH_HOME': str(tmp_path/'torch')}
+    r = subprocess.run([MEDGAN, 'train', str(user/'scans'), '--out', str(tmp_path/'run'), '--epochs', '1', '--size', '64'],
+                       capture_output=True, text=True, timeout=300, env=env, preexec_fn=limit)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert len(err) == 1 and str(tmp_path/'cache') in err[0] and 'could not be written' in err[0] and 'MB free there' in err[0], err
+    assert [p.name for p in (tmp_path/'cache').rglob('*') if p.name.endswith('.tmp')] == []
