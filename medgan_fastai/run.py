@@ -255,7 +255,10 @@ def _fit_or_checkpoint(learn, run:Path, epochs:int, start:int)->int:
         if budget.stopped_at == 'batch' and not rank_distrib():  # inside an epoch: keep the weights it reached
             ck = save_checkpoint(learn, run/'checkpoints'/f'epoch_{done:03d}_interrupted.pth', done)
             print(f'{budget.reason} reached during epoch {done + 1} ({learn.gan_state.kimg:.2f} kimg): saved {ck}')
-        elif not rank_distrib(): print(f'{budget.reason} reached after epoch {done} ({learn.gan_state.kimg:.2f} kimg)')
+        elif not rank_distrib():
+            ck = run/'checkpoints'/f'epoch_{done:03d}.pth'  # ran out between epochs: the paced checkpoint may have skipped the last
+            if done > start and not ck.exists(): save_checkpoint(learn, ck, done)
+            print(f'{budget.reason} reached after epoch {done} ({learn.gan_state.kimg:.2f} kimg)')
         return done
     except KeyboardInterrupt:
         if not rank_distrib():

@@ -1,8 +1,9 @@
 "[quality]: training length in kimg and minutes (with resume), sample-diversity watch, auto-configuration from the data."
-import json, os, subprocess, sys
+import json, os, subprocess, sys, time
 from pathlib import Path
 import pandas as pd, pytest, torch
 from torch import nn
+from fastai.callback.core import Callback
 from medgan_fastai.run import Recipe, train_run, auto_config
 from medgan_fastai.data import gan_dls
 from medgan_fastai.learner import gan_learner
@@ -64,6 +65,23 @@ def test_minutes_ends_with_a_loadable_generator_and_checkpoint_then_resumes(mr_d
     learn = train_run(out=run, resume=True, minutes=0.15)
     assert learn.gan_state.n_img > before and 'resuming' in capsys.readouterr().out
     assert json.loads((run/'training.json').read_text())['kimg'] == pytest.approx(learn.gan_state.n_img / 1000)
+
+class _TimeRunsOutBetweenEpochs(Callback):
+    "Waits after the second epoch until the budget's minutes are spent, so that the budget ends `fit` before the third begins"
+    order = 99
+    def after_epoch(self):
+        if self.epoch != 1: return
+        budget = next(cb for cb in self.learn.cbs if isinstance(cb, TrainingBudget))
+        time.sleep(max(0., budget.t0 + budget.minutes * 60 + 0.2 - time.monotonic()))
+
+def test_minutes_running_out_between_epochs_keeps_the_epoch_a_paced_checkpoint_skipped(mr_dir, tmp_path):
+    "The checkpoints skip the second epoch (a tiny `overhead`); the budget, spent before the third, saves it"
+    run = tmp_path/'run'
+    learn = train_run(mr_dir/'HFS', out=run, recipe={**TINY, 'overhead': 1e-6}, minutes=0.2, cbs=[_TimeRunsOutBetweenEpochs()])
+    budget = next(cb for cb in learn.cbs if isinstance(cb, TrainingBudget))
+    assert budget.stopped_at == 'start' and learn.epoch == 2
+    assert [p.name for p in checkpoint_files(run)] == ['epoch_001.pth', 'epoch_002.pth']
+    assert _n_img(run) == learn.gan_state.n_img and json.loads((run/'training.json').read_text())['epochs'] == 2
 
 def test_pair_ssim_on_real_slices_and_a_collapsed_batch(mr_dir):
     dls = gan_dls(mr_dir, size=32, bs=16, progress=False, verbose=False)
