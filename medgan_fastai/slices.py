@@ -23,7 +23,7 @@ from .persist import WriteError
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'MAX_SOURCE_SIDE', 'MIN_SOURCE_SIDE', 'window_title', 'window_list', 'square_slice',
            'ImageFileError', 'read_image_slice', 'read_slice', 'default_cache_dir', 'source_files', 'publish_folder',
-           'staging_folder', 'read_items', 'file_crc32', 'SliceCache', 'prepare', 'blank_mask']
+           'abandoned_stages', 'staging_folder', 'read_items', 'file_crc32', 'SliceCache', 'prepare', 'blank_mask']
 
 # %% ../nbs/02a_slices.ipynb #74a2fa2b
 def _is_pair(window)->bool:
@@ -228,12 +228,37 @@ def publish_folder(stage:Path, # a finished folder, private to this process
             os.rename(stage, folder)
     return Path(folder)
 
+# %% ../nbs/02a_slices.ipynb #stg00006
+def _process_running(pid:int)->bool:
+    "Whether process `pid` runs on this machine (assumed so where it cannot be probed safely)"
+    if os.name == 'nt': return True
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True  # another user's
+    return True
+
+def abandoned_stages(folder:Path, # where a result belongs
+                     min_age:float=600, # seconds since anything in a stage changed
+                    )->list: # stage folders beside `folder` that no running process will finish
+    "The `staging_folder`s of `folder` left by processes that ended without removing them"
+    folder,found = Path(folder),[]
+    if not folder.parent.is_dir(): return found
+    for p in folder.parent.glob(f'.{folder.name}.*.tmp'):
+        pid = p.name[len(folder.name) + 2:-4]
+        if not (pid.isdigit() and p.is_dir()) or int(pid) == os.getpid() or _process_running(int(pid)): continue
+        try: changed = max([p.stat().st_mtime] + [f.stat().st_mtime for f in p.iterdir()])
+        except OSError: continue  # removed meanwhile
+        if time.time() - changed >= min_age: found.append(p)
+    return found
+
+
 # %% ../nbs/02a_slices.ipynb #stg00001
 @contextmanager
 def staging_folder(folder:Path, # where the result will belong
                   ):
     "A new folder private to this process beside `folder` to build in; removed again if the build fails"
     stage = Path(folder).with_name(f'.{Path(folder).name}.{os.getpid()}.tmp')
+    for old in abandoned_stages(folder): shutil.rmtree(old, ignore_errors=True)  # left by a build that was killed
     if stage.exists(): shutil.rmtree(stage)
     stage.mkdir(parents=True)
     try: yield stage

@@ -80,3 +80,19 @@ def test_a_full_disk_while_decoding_leaves_no_half_built_cache(user, tmp_path):
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
     assert len(err) == 1 and str(tmp_path/'cache') in err[0] and 'could not be written' in err[0] and 'MB free there' in err[0], err
     assert [p.name for p in (tmp_path/'cache').rglob('*') if p.name.endswith('.tmp')] == []
+
+def test_a_cache_build_killed_outright_is_cleaned_up_by_the_next_build(user, tmp_path):
+    "`medgan train` killed by the kernel while it decodes (a file size limit, SIGXFSZ's default action: no handler runs, as for kill -9) leaves its stage; a later build removes it"
+    import resource, time
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 2**10, 64 * 2**10))
+    env = {**os.environ, 'MEDGAN_CACHE': str(tmp_path/'cache'), 'TORCH_HOME': str(tmp_path/'torch')}
+    args = ['train', str(user/'scans'), '--out', str(tmp_path/'run'), '--epochs', '1', '--size', '64']
+    killable = ['-c', 'import signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); from medgan_fastai.cli import main; sys.exit(main())']
+    r = subprocess.run([sys.executable, *killable, *args], capture_output=True, text=True, timeout=300, env=env, preexec_fn=limit)
+    assert r.returncode < 0                                                    # killed by the signal, not ended by Python
+    left = [p for p in (tmp_path/'cache').rglob('*.tmp') if p.is_dir()]
+    assert len(left) == 1 and any(left[0].iterdir())                           # its half-written stage
+    for p in [left[0], *left[0].iterdir()]: os.utime(p, (time.time() - 3600,) * 2)   # an hour later
+    r = subprocess.run([MEDGAN, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [p for p in (tmp_path/'cache').rglob('*') if p.name.endswith('.tmp')] == [] and (tmp_path/'run'/'generator.pth').exists()
