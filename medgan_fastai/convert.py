@@ -161,6 +161,7 @@ def convert_folder(src, # a folder of DICOM files and/or NIfTI volumes, a file, 
     if isinstance(window, str) and window not in ('auto', 'file'): resolve_window(window)  # fail early on a misspelt preset
     if isinstance(src, (str, os.PathLike)) and not Path(src).exists(): raise SourceError(src, 'no such file or folder')
     opts,dst = volume_options(volume),Path(dst).resolve()
+    for p in abandoned_temporaries(dst): p.unlink(missing_ok=True)  # left by a conversion that was killed
     vols,segs,dicoms = _split_source(src, opts.seg_rule)
     index = scan(dicoms, n_workers=n_workers, progress=progress)
     if not len(index) and not vols: raise SourceError(src, 'no files found')

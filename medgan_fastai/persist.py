@@ -16,13 +16,15 @@ from .models import build_generator
 from .style import StyleGenerator  # registers the style architecture with `build_generator`
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'GENERATOR_FORMAT', 'PRETRAINED_DIR', 'PRETRAINED', 'WriteError', 'write_atomic', 'rng_state',
-           'set_rng_state', 'load_weights_only', 'CheckpointError', 'plain_state', 'write_checkpoint',
-           'read_checkpoint', 'checkpoint_epoch', 'checkpoint_files', 'latest_checkpoint', 'remove_stale_temporaries',
-           'loadable_checkpoint', 'check_generator_state', 'save_generator', 'model_file', 'load_generator']
+__all__ = ['TEMPORARY_MARK', 'CHECKPOINT_FORMAT', 'GENERATOR_FORMAT', 'PRETRAINED_DIR', 'PRETRAINED', 'WriteError',
+           'write_atomic', 'rng_state', 'set_rng_state', 'load_weights_only', 'CheckpointError', 'plain_state',
+           'write_checkpoint', 'read_checkpoint', 'checkpoint_epoch', 'checkpoint_files', 'latest_checkpoint',
+           'remove_stale_temporaries', 'loadable_checkpoint', 'abandoned_temporaries', 'check_generator_state',
+           'save_generator', 'model_file', 'load_generator']
 
 # %% ../nbs/01c_persist.ipynb #ceae1ae9
 _UMASK = os.umask(0); os.umask(_UMASK)  # the process's umask, read once (reading it means setting it)
+TEMPORARY_MARK = 'medgan-'  # in the name of every temporary file `write_atomic` makes
 
 class WriteError(InputError):
     "A file or folder that could not be written (a full disk, a size limit, no permission): `path` names it, `reason` says why"
@@ -44,7 +46,8 @@ def write_atomic(path, # destination
     path = Path(path)
     if path.exists() and not overwrite: return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd,tmp = tempfile.mkstemp(prefix=f'.{path.stem}.', suffix=path.suffix, dir=path.parent)
+    # marked as ours (`TEMPORARY_MARK`), so that a later clean-up can never take a user's hidden file for one
+    fd,tmp = tempfile.mkstemp(prefix=f'.{path.stem}.{TEMPORARY_MARK}', suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         try: write(tmp)
@@ -150,7 +153,10 @@ def latest_checkpoint(folder)->Path|None:
     return cks[-1] if cks else None
 
 # %% ../nbs/01c_persist.ipynb #264ae499
-_TEMPORARY_NAME = re.compile(r'^\.(.+)\.[a-z0-9_]{8}(\.[A-Za-z0-9]+)$')  # `write_atomic`'s: mkstemp's 8 random characters
+# `write_atomic`'s: mkstemp's 8 random characters after the mark (earlier versions wrote none: a run folder is ours, so
+# both are removed there)
+_TEMPORARY_NAME = re.compile(rf'^\.(.+)\.({TEMPORARY_MARK})?[a-z0-9_]{{8}}(\.[A-Za-z0-9]+)$')
+_MARKED_TEMPORARY = re.compile(rf'^\.(.+)\.{TEMPORARY_MARK}[a-z0-9_]{{8}}(\.[A-Za-z0-9]+)$')
 
 def remove_stale_temporaries(folder, # a run folder (its `checkpoints/` and `samples/` are cleaned too)
                             )->list: # the files removed
@@ -170,6 +176,21 @@ def loadable_checkpoint(folder, # a run folder or its `checkpoints/`
         try: read_checkpoint(p); return p, skipped
         except CheckpointError as e: skipped.append((p, e.reason))
     return None, skipped
+
+# %% ../nbs/01c_persist.ipynb #tmp00002
+def abandoned_temporaries(folder, # any folder (searched with its sub-folders)
+                          min_age:float=600, # seconds since the file last changed
+                         )->list: # the temporaries of `write_atomic` that no running write will finish
+    "The marked temporary files under `folder` that interrupted writes left, oldest first"
+    now,found = time.time(),[]
+    if not Path(folder).is_dir(): return found
+    for p in Path(folder).rglob(f'.*{TEMPORARY_MARK}*'):
+        if not _MARKED_TEMPORARY.match(p.name): continue
+        try: t = p.stat().st_mtime
+        except OSError: continue  # finished meanwhile
+        if p.is_file() and now - t >= min_age: found.append((t, p))
+    return [p for _,p in sorted(found)]
+
 
 # %% ../nbs/01c_persist.ipynb #a173a6b4
 def check_generator_state(config:dict, # a generator's stored `config`

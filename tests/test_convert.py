@@ -221,3 +221,22 @@ def test_cli_convert_nifti_flags(shared_data, tmp_path, capsys):
     helptext = ' '.join(capsys.readouterr().out.split())
     for flag in ('--axis', '--nifti-volume', '--central-fraction', '--percentiles', '--modality'): assert flag in helptext
     assert helptext.count('NIfTI') >= 5
+
+def test_a_conversion_killed_mid_write_is_cleaned_up_by_the_next_one_and_the_users_files_stay(ct_dir, tmp_path, capsys):
+    "The kernel kills a conversion while it writes a PNG (a file size limit with SIGXFSZ's default action, as kill -9: no handler runs)"
+    import resource, signal, subprocess, time
+    dst = tmp_path/'out'; dst.mkdir()
+    (dst/'.backup.20241201.png').write_bytes(b'the user\'s'); os.utime(dst/'.backup.20241201.png', (time.time() - 3600,) * 2)
+    code = ('import signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); from medgan_fastai.convert import convert_folder; '
+            'convert_folder(sys.argv[1], sys.argv[2], n_workers=0, progress=False)')
+    r = subprocess.run([sys.executable, '-c', code, str(ct_dir), str(dst)], capture_output=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 2**10, 16 * 2**10)))
+    assert r.returncode == -signal.SIGXFSZ
+    left = [p for p in dst.iterdir() if p.name.startswith('.') and 'backup' not in p.name]
+    assert len(left) == 1 and left[0].stat().st_size > 0           # the half-written PNG
+    os.utime(left[0], (time.time() - 3600,) * 2)                   # an hour later
+    assert main(['convert', str(ct_dir), str(dst)]) is None        # success
+    rep = pd.read_csv(dst/'report.csv')
+    assert rep.ok.sum() == len(list(ct_dir.glob('*.dcm')))                                          # every slice, the killed one too
+    assert sorted(p.name for p in dst.iterdir()) == sorted(['.backup.20241201.png', 'report.csv', *rep.output[rep.ok]])
+    assert (dst/'.backup.20241201.png').read_bytes() == b'the user\'s'
