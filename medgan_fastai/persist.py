@@ -156,7 +156,6 @@ def latest_checkpoint(folder)->Path|None:
 # `write_atomic`'s: mkstemp's 8 random characters after the mark (earlier versions wrote none: a run folder is ours, so
 # both are removed there)
 _TEMPORARY_NAME = re.compile(rf'^\.(.+)\.({TEMPORARY_MARK})?[a-z0-9_]{{8}}(\.[A-Za-z0-9]+)$')
-_MARKED_TEMPORARY = re.compile(rf'^\.(.+)\.{TEMPORARY_MARK}[a-z0-9_]{{8}}(\.[A-Za-z0-9]+)$')
 
 def remove_stale_temporaries(folder, # a run folder (its `checkpoints/` and `samples/` are cleaned too)
                             )->list: # the files removed
@@ -185,7 +184,8 @@ def abandoned_temporaries(folder, # any folder (searched with its sub-folders)
     now,found = time.time(),[]
     if not Path(folder).is_dir(): return found
     for p in Path(folder).rglob(f'.*{TEMPORARY_MARK}*'):
-        if not _MARKED_TEMPORARY.match(p.name): continue
+        m = _TEMPORARY_NAME.match(p.name)
+        if not (m and m.group(2)): continue  # unmarked: perhaps the user's
         try: t = p.stat().st_mtime
         except OSError: continue  # finished meanwhile
         if p.is_file() and now - t >= min_age: found.append((t, p))
